@@ -1,0 +1,350 @@
+"""Layers with PyTorch semantics, NHWC.
+
+Flax's own layers differ from torch's in small ways that break a port: BatchNorm
+updates its running variance with the biased estimate and counts momentum the
+other way round, pooling has no ``ceil_mode`` and ``'SAME'`` padding is
+asymmetric at stride 2. Everything a model needs to compute exactly what the
+torch model computes lives here, so each difference is handled once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "BatchNorm",
+    "Sequential",
+    "conv2d",
+    "linear",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "check_images",
+    "kaiming_normal_fan_out",
+    "torch_default_init",
+]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+# torchvision's ResNet/VGG initialise convolutions with
+# kaiming_normal_(mode="fan_out", nonlinearity="relu").
+kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_init(fan_in: int):
+    """torch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    Args:
+      fan_in: input features (times kernel area for a convolution).
+
+    Returns:
+      A flax initializer.
+    """
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Sequential(nnx.List):
+    """A list of layers applied in order; submodule paths are ``name.0``, ``name.1``...
+
+    Mirrors ``torch.nn.Sequential`` so that ``features.3.weight`` in a torch
+    state_dict is ``features[3].kernel`` here, with no extra path component.
+    """
+
+    def __call__(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    *,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    bias: bool = True,
+    kernel_init=None,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A ``torch.nn.Conv2d``-equivalent ``nnx.Conv`` with symmetric explicit padding.
+
+    Args:
+      in_channels: input channels.
+      out_channels: output channels.
+      kernel_size: kernel height and width.
+      stride: stride.
+      padding: zero padding on each side (torch's integer ``padding``).
+      dilation: kernel dilation.
+      groups: feature groups.
+      bias: whether to add a bias.
+      kernel_init: initializer; torch's default when None.
+      rngs: random number generators.
+
+    Returns:
+      The convolution module.
+    """
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    fan_in = in_channels // groups * kh * kw
+    init = kernel_init or torch_default_init(fan_in)
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kh, kw),
+        strides=_pair(stride),
+        padding=((ph, ph), (pw, pw)),
+        kernel_dilation=_pair(dilation),
+        feature_group_count=groups,
+        use_bias=bias,
+        kernel_init=init,
+        bias_init=torch_default_init(fan_in),
+        rngs=rngs,
+    )
+
+
+def linear(in_features: int, out_features: int, *, bias: bool = True, kernel_init=None,
+           bias_init=None, rngs: nnx.Rngs) -> nnx.Linear:
+    """A ``torch.nn.Linear``-equivalent ``nnx.Linear`` with torch's default init.
+
+    Args:
+      in_features: input size.
+      out_features: output size.
+      bias: whether to add a bias.
+      kernel_init: initializer; torch's default when None.
+      bias_init: bias initializer; torch's default when None.
+      rngs: random number generators.
+
+    Returns:
+      The linear module.
+    """
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=bias,
+        kernel_init=kernel_init or torch_default_init(in_features),
+        bias_init=bias_init or torch_default_init(in_features),
+        rngs=rngs,
+    )
+
+
+class BatchNorm(nnx.Module):
+    """``torch.nn.BatchNorm{1,2,3}d`` over the last axis.
+
+    Differences from ``nnx.BatchNorm`` that matter for a port: ``momentum`` is
+    torch's (weight of the new batch, default 0.1); the running variance is
+    updated with the unbiased batch variance while the batch is normalised
+    with the biased one; ``num_batches_tracked`` is counted. Statistics are
+    computed in float32 whatever the input dtype (mixed precision). Under
+    ``jax.jit`` with a batch-sharded input the batch mean is global, so the
+    statistics are synchronised across devices like ``SyncBatchNorm``.
+
+    Attributes:
+      use_running_average: eval mode when True (set by ``model.eval()``).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        use_running_average: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        del rngs  # deterministic init; accepted for a uniform constructor signature
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32)) if affine else None
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32)) if affine else None
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[a] for a in axes)
+            mean = jnp.mean(x32, axis=axes)
+            # Two-pass variance: E[x^2]-E[x]^2 loses digits that torch keeps.
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            m = self.momentum
+            unbiased = var * (n / max(n - 1, 1))
+            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
+        return y.astype(dtype)
+
+
+def _pool_geometry(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
+    """Output length and right padding of a torch pooling window along one axis."""
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    # torch drops a last window that would start inside the right padding.
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    hi = (out - 1) * s + k - size - p
+    return out, hi
+
+
+def _pool_pads(x, k, s, p, ceil_mode):
+    outs, pads = [], [(0, 0)]
+    for axis in (1, 2):
+        o, hi = _pool_geometry(x.shape[axis], k[axis - 1], s[axis - 1], p[axis - 1], ceil_mode)
+        outs.append(o)
+        pads.append((p[axis - 1], max(hi, 0)))
+    pads.append((0, 0))
+    return outs, pads
+
+
+def max_pool2d(x: jax.Array, kernel_size, stride=None, padding=0, *, ceil_mode: bool = False):
+    """``torch.nn.functional.max_pool2d`` on NHWC input.
+
+    Padding is -inf (never selected); with ``ceil_mode`` the bottom/right edge
+    gets extra -inf padding for the partial windows torch keeps.
+
+    Args:
+      x: (N, H, W, C) array.
+      kernel_size: window size.
+      stride: stride; defaults to ``kernel_size`` like torch.
+      padding: implicit -inf padding on each side.
+      ceil_mode: torch's ``ceil_mode``.
+
+    Returns:
+      The pooled (N, H', W', C) array.
+    """
+    k = _pair(kernel_size)
+    s = _pair(stride if stride is not None else kernel_size)
+    p = _pair(padding)
+    (oh, ow), pads = _pool_pads(x, k, s, p, ceil_mode)
+    # A concrete numpy init lets JAX pick the differentiable max-pool primitive.
+    init = np.array(-np.inf, x.dtype)
+    y = jax.lax.reduce_window(x, init, jax.lax.max, (1, *k, 1), (1, *s, 1), pads)
+    return y[:, :oh, :ow, :]
+
+
+def _avg_divisor(size, k, s, p, out, count_include_pad):
+    starts = np.arange(out) * s - p
+    ends = np.minimum(starts + k, size + p)
+    if count_include_pad:
+        return (ends - starts).astype(np.float32)
+    return (np.minimum(ends, size) - np.maximum(starts, 0)).astype(np.float32)
+
+
+def avg_pool2d(x: jax.Array, kernel_size, stride=None, padding=0, *, ceil_mode: bool = False,
+               count_include_pad: bool = True):
+    """``torch.nn.functional.avg_pool2d`` on NHWC input.
+
+    Args:
+      x: (N, H, W, C) array.
+      kernel_size: window size.
+      stride: stride; defaults to ``kernel_size``.
+      padding: implicit zero padding on each side.
+      ceil_mode: torch's ``ceil_mode``.
+      count_include_pad: whether the zero padding counts in the divisor
+        (torch's default True). Windows hanging past the padding in ceil mode
+        never count the overhang, as in torch.
+
+    Returns:
+      The pooled (N, H', W', C) array.
+    """
+    k = _pair(kernel_size)
+    s = _pair(stride if stride is not None else kernel_size)
+    p = _pair(padding)
+    (oh, ow), pads = _pool_pads(x, k, s, p, ceil_mode)
+    y = jax.lax.reduce_window(x, np.array(0, x.dtype), jax.lax.add, (1, *k, 1), (1, *s, 1), pads)
+    y = y[:, :oh, :ow, :]
+    dh = _avg_divisor(x.shape[1], k[0], s[0], p[0], oh, count_include_pad)
+    dw = _avg_divisor(x.shape[2], k[1], s[1], p[1], ow, count_include_pad)
+    div = jnp.asarray(np.outer(dh, dw)[None, :, :, None], x.dtype)
+    return y / div
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix with torch's floor/ceil window bounds."""
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        lo = (i * size) // out
+        hi = -(-((i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size) -> jax.Array:
+    """``torch.nn.functional.adaptive_avg_pool2d`` on NHWC input.
+
+    Windows run from ``floor(i*H/o)`` to ``ceil((i+1)*H/o)``: uneven and
+    overlapping when ``o`` does not divide ``H``. Divisible sizes use a
+    reshape-mean; others a static averaging matrix per axis.
+
+    Args:
+      x: (N, H, W, C) array.
+      output_size: (oh, ow) or an int.
+
+    Returns:
+      The (N, oh, ow, C) array.
+    """
+    oh, ow = _pair(output_size)
+    n, h, w, c = x.shape
+    if (oh, ow) == (1, 1):
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    if h % oh == 0 and w % ow == 0:
+        return x.reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw, precision=hp)
+
+
+def check_images(x, channels: int, name: str) -> None:
+    """Raise a one-line error unless ``x`` is an NHWC image batch with ``channels``.
+
+    Args:
+      x: the model input.
+      channels: the channel count the model expects.
+      name: the model's name, for the message.
+
+    Raises:
+      ValueError: when the rank or channel count is wrong.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name} expects a 4-D NHWC image batch (batch, height, width, {channels}); "
+            f"got an array of shape {shape}"
+        )
+    if shape[-1] != channels:
+        hint = " (channels-last: did you pass NCHW?)" if shape[1] == channels else ""
+        raise ValueError(
+            f"{name} expects {channels} input channel(s) in the last axis (NHWC); "
+            f"got shape {shape}{hint}"
+        )

@@ -1,0 +1,239 @@
+"""Load torch state_dicts into NNX models and export them back: one generic walker.
+
+The walker visits every ``nnx.Param`` and ``nnx.BatchStat`` of a model, maps
+its dotted path to a torch key with the model's rule table
+(``porting.rules``), and moves the array through the rule's layout. Nothing is
+skipped silently: every missing, unexpected, mis-shaped or ignored key is in
+the report, and a strict load that does not match raises one error naming
+them all, before the model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from porting.rules import rules_for, torch_key
+
+__all__ = ["PortingError", "LoadReport", "load_torch_state_dict", "to_torch_state_dict",
+           "flax_to_torch", "flax_variables", "to_numpy"]
+
+
+class PortingError(ValueError):
+    """A state_dict that does not fit the model."""
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load did.
+
+    Attributes:
+      loaded: torch keys copied into the model.
+      missing: model keys absent from the state_dict (left as initialised).
+      unexpected: state_dict keys the model has no place for.
+      mismatched: ``(key, expected_shape, got_shape)`` for wrong shapes.
+      ignored: keys left out on purpose by an ``ignore`` pattern.
+      notes: anything else done on the way (dtype casts...).
+    """
+
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every key matched (ignored keys aside)."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} ({_short(self.ignored)})")
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} ({_short(self.missing)})")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)} ({_short(self.unexpected)})")
+        if self.mismatched:
+            parts.append(f"shape mismatch {len(self.mismatched)}")
+        return "; ".join(parts + self.notes)
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor, jax array or array-like as a numpy array (bf16 kept as bf16).
+
+    Args:
+      value: the tensor.
+
+    Returns:
+      A numpy array; torch tensors share memory where torch allows it.
+    """
+    if type(value).__module__.startswith("torch"):
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return t.contiguous().view(_torch_int16()).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _torch_int16():
+    import torch
+
+    return torch.int16
+
+
+def flax_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Every parameter and batch statistic of a model by dotted path.
+
+    Args:
+      model: the NNX model.
+
+    Returns:
+      ``{"layer1.0.conv1.kernel": Variable, ...}`` in graph order.
+    """
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, (nnx.Param, nnx.BatchStat)):
+            out[".".join(str(p) for p in path)] = node
+    return out
+
+
+def _torch_index(model) -> dict[str, tuple[str, Any, Any]]:
+    rules = rules_for(model)
+    index = {}
+    for path, var in flax_variables(model).items():
+        key, layout = torch_key(path, rules)
+        if key in index:
+            raise AssertionError(f"rule table maps both {index[key][0]!r} and {path!r} to {key!r}")
+        index[key] = (path, var, layout)
+    return index
+
+
+def _compile(patterns: Iterable[str]) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    return [re.compile(p) for p in patterns]
+
+
+def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
+                          strict: bool = True, ignore: Iterable[str] = ()) -> LoadReport:
+    """Fill an NNX model in place from a torch state_dict.
+
+    Args:
+      model: the model, e.g. from ``jaxnets.create_model``.
+      state_dict: torch key -> torch tensor or numpy array.
+      strict: raise unless every key matches (as ``torch.nn.Module.load_state_dict``).
+      ignore: regexes (``re.search``) of torch keys to leave out on purpose on
+        both sides, e.g. ``(r"^fc\\.",)`` to keep a freshly initialised head.
+
+    Returns:
+      A ``LoadReport``.
+
+    Raises:
+      PortingError: with ``strict`` and any missing or unexpected key, or
+        always on a shape mismatch; it names every offending key and the
+        model is left unchanged.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise PortingError(f"expected a state_dict mapping, got {type(state_dict).__name__}")
+    ignore_re = _compile(ignore)
+    ignored = lambda k: any(p.search(k) for p in ignore_re)  # noqa: E731
+    index = _torch_index(model)
+    report = LoadReport()
+    updates = []
+    casts: dict[str, int] = {}
+    for key, (path, var, layout) in index.items():
+        if ignored(key):
+            report.ignored.append(key)
+            continue
+        if key not in state_dict:
+            report.missing.append(key)
+            continue
+        array = to_numpy(state_dict[key])
+        current = var.get_value()
+        want = layout.torch_shape(tuple(current.shape))
+        if tuple(array.shape) != want:
+            report.mismatched.append((key, want, tuple(array.shape)))
+            continue
+        value = layout.from_torch(array)
+        if value.dtype != current.dtype:
+            casts[f"{value.dtype}->{current.dtype}"] = casts.get(
+                f"{value.dtype}->{current.dtype}", 0) + 1
+        updates.append((var, value, current.dtype))
+        report.loaded.append(key)
+    for key in state_dict:
+        if key not in index:
+            (report.ignored if ignored(key) else report.unexpected).append(key)
+    report.notes += [f"cast {n} tensors {c}" for c, n in casts.items()]
+    if report.mismatched or (strict and not report.ok):
+        raise PortingError(_mismatch_message(model, report, len(state_dict)))
+    for var, value, dtype in updates:
+        var.set_value(jnp.asarray(value).astype(dtype))
+    return report
+
+
+def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
+    name = type(model).__name__
+    lines = [f"state_dict does not fit {name}:"]
+    matched = len(report.loaded) + len(report.mismatched)
+    if n_given and matched < 0.5 * max(n_given, 1):
+        lines[0] += (f" only {matched} of its {n_given} keys exist in the model; is it a "
+                     "checkpoint for another architecture?")
+    if report.missing:
+        lines.append(f"  {len(report.missing)} missing: " + ", ".join(report.missing))
+    if report.unexpected:
+        lines.append(f"  {len(report.unexpected)} unexpected: " + ", ".join(report.unexpected))
+    if report.mismatched:
+        lines.append(f"  {len(report.mismatched)} shape mismatch: " + ", ".join(
+            f"{k} expected {list(e)} got {list(g)}" for k, e, g in report.mismatched))
+        lines.append("  (a checkpoint with another class count: pass num_classes to get a "
+                     "fresh head, or ignore=(<head regex>,))")
+    return "\n".join(lines)
+
+
+def flax_to_torch(model_or_class, flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Map a flat ``{flax_path: array}`` (e.g. gradients) to torch keys and layouts.
+
+    Args:
+      model_or_class: the model (or its class) whose rule table applies.
+      flat: dotted flax paths to arrays.
+
+    Returns:
+      torch key -> numpy array in torch layout.
+    """
+    rules = rules_for(model_or_class)
+    out = {}
+    for path, value in flat.items():
+        key, layout = torch_key(path, rules)
+        out[key] = np.ascontiguousarray(layout.to_torch(np.asarray(value)))
+    return out
+
+
+def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters and statistics as a torch state_dict of numpy arrays.
+
+    The exact inverse of ``load_torch_state_dict``: it loads into the torch
+    model with ``strict=True`` (``torch.from_numpy`` each value).
+
+    Args:
+      model: the NNX model.
+
+    Returns:
+      torch key -> numpy array.
+    """
+    flat = {path: var.get_value() for path, var in flax_variables(model).items()}
+    return flax_to_torch(model, flat)
