@@ -154,7 +154,7 @@ class BatchNorm(nnx.Module):
     torch's (weight of the new batch, default 0.1); the running variance is
     updated with the unbiased batch variance while the batch is normalised
     with the biased one; ``num_batches_tracked`` is counted. Statistics are
-    computed in float32 whatever the input dtype (mixed precision). Under
+    computed in at least float32 whatever the input dtype (mixed precision). Under
     ``jax.jit`` with a batch-sharded input the batch mean is global, so the
     statistics are synchronised across devices like ``SyncBatchNorm``.
 
@@ -185,7 +185,7 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
@@ -196,8 +196,11 @@ class BatchNorm(nnx.Module):
             var = jnp.mean(jnp.square(x32 - mean), axis=axes)
             m = self.momentum
             unbiased = var * (n / max(n - 1, 1))
-            self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+            stat = self.mean[...].dtype
+            self.mean[...] = ((1 - m) * self.mean[...]
+                              + m * jax.lax.stop_gradient(mean)).astype(stat)
+            self.var[...] = ((1 - m) * self.var[...]
+                             + m * jax.lax.stop_gradient(unbiased)).astype(stat)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:

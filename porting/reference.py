@@ -41,6 +41,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int = 784, hidden: int = 256, num_classes: int = 10):
         super().__init__()
+        self.in_features = in_features
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
