@@ -1,0 +1,805 @@
+"""Image classification data: sources chosen by a spec string, and a batch loader.
+
+Dataset specs (``--dataset``):
+
+* ``digits`` -- scikit-learn's bundled 8x8 handwritten digits (1797 images,
+  10 classes, offline). uint8 8x8x1 images (0..16 scaled to 0..255); a
+  stratified split seeded by ``seed`` holds out 20% as "val".
+* ``tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]`` -- a TensorFlow Datasets dataset read
+  with ``tfds.data_source`` (random access over ArrayRecord files; needs no
+  TensorFlow, but the dataset must already be prepared in ``data_dir`` in the
+  array_record format, as nothing is downloaded). NAME may carry a config and
+  a version (``imagenet2012``, ``cifar10:3.0.2``, ``mnist/config:1.*.*``).
+  Split specs use TFDS's syntax, e.g. ``tfds:cifar10:train[:90%]:train[90%:]``
+  or ``tfds:cifar10:train:test``. Defaults: train = ``train``; val =
+  ``validation`` if the dataset has it, else a held-out tail of train
+  (``train[:90%]`` / ``train[90%:]`` for ``val_fraction=0.1``), so the test
+  split stays untouched unless named.
+* ``folder:PATH`` or a bare PATH -- an image folder: one subfolder per class
+  with ``.jpg/.jpeg/.png`` files, class index = position of the folder name
+  in sorted order (as torchvision's ``ImageFolder``). If PATH has both
+  ``train/`` and ``val/`` subfolders those are the splits; otherwise every
+  class is split by a seeded stratified shuffle holding out ``val_fraction``
+  (default 10%) of its files.
+
+Storage size: batches need one image shape, so sources whose images vary in
+size (folders, TFDS features of unknown shape) decode on the host and resize
+the shorter side to ``storage_size`` (default 256, PIL bilinear with
+antialiasing) and keep the central square. The eval transform
+``Resize(256) + CenterCrop(224)`` then sees exactly the pixels torchvision
+would; the train crop samples from the central square only. Fixed-shape
+datasets (digits, cifar10, mnist) keep their native size; the on-device
+augmentation (``train.augment``) does the final resize.
+
+Why a small threaded loader rather than grain: the loader must (a) shuffle
+epoch ``e`` with ``seed + e`` exactly, (b) hand process ``p`` the ``p``-th
+slice of *every global batch* (what ``jax.make_array_from_process_local_data``
+assembles), (c) resume from a global step, and (d) pad the final partial batch
+with a mask so eval shapes stay static. grain's ``DataLoader`` shards the
+record index (not each global batch) and derives its own per-epoch seeds;
+matching (a)-(d) would mean re-implementing the index logic on top of it
+anyway. The index logic here is ~30 lines of numpy, and image decoding (PIL
+releases the GIL) runs in a thread pool, one batch ahead in a bounded queue.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import queue
+import re
+import threading
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_STORAGE_SIZE = 256
+_SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A dataset cannot be found, parsed or read; the message names the culprit."""
+
+
+class Source(Protocol):
+    """Random-access labelled images of one split."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        """Returns (uint8 HxWxC image, integer label)."""
+        ...
+
+
+# --------------------------------------------------------------------------
+# Sources.
+
+
+class ArraySource:
+    """Images held in memory as one uint8 NHWC array.
+
+    Args:
+        name: Dataset name for messages.
+        images: uint8 ``[N, H, W, C]``.
+        labels: int ``[N]``.
+        class_names: Name of each class index.
+    """
+
+    def __init__(
+        self, name: str, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+    ):
+        self.name = name
+        self.images = np.asarray(images, np.uint8)
+        self.labels = np.asarray(labels, np.int32)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised read of several examples (the loader's fast path)."""
+        return self.images[indices], self.labels[indices]
+
+
+def fit_storage(image: Any, size: int) -> np.ndarray:
+    """Resizes a PIL image so its shorter side is ``size``, keeping the central square.
+
+    Args:
+        image: PIL image (any mode; converted to RGB).
+        size: Output side length.
+
+    Returns:
+        uint8 ``[size, size, 3]``.
+    """
+    from PIL import Image
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) / 2.0, (height - side) / 2.0
+    # One PIL resize with a source box does crop + antialiased resize at once.
+    box = (left, top, left + side, top + side)
+    out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(out, np.uint8)
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decodes an image file to uint8 ``[size, size, 3]`` (see ``fit_storage``).
+
+    Args:
+        path: Image file.
+        size: Storage side length.
+
+    Returns:
+        The decoded, resized image.
+
+    Raises:
+        DataError: The file cannot be read or decoded; the message names it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            # JPEG can decode directly at a reduced scale that is still >= size.
+            image.draft("RGB", (size, size))
+            return fit_storage(image, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from e
+
+
+class FolderSource:
+    """Image files with labels, decoded on access.
+
+    Args:
+        name: Dataset name for messages.
+        files: Image paths.
+        labels: Class index of each file.
+        class_names: Name of each class index.
+        storage_size: Side of the stored square images (see module doc).
+        skip_bad: If True an undecodable file is logged, counted in
+            ``bad_files`` and replaced by the next readable file (in index
+            order, wrapping), so every read stays deterministic and batches
+            keep their size; if False it raises ``DataError``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        files: Sequence[str],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        storage_size: int = DEFAULT_STORAGE_SIZE,
+        skip_bad: bool = False,
+    ):
+        self.name = name
+        self.files = list(files)
+        self.labels = np.asarray(labels, np.int32)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.storage_size = storage_size
+        self.skip_bad = skip_bad
+        self.bad_files: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def num_bad(self) -> int:
+        """How many distinct undecodable files were skipped so far."""
+        return len(self.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            try:
+                return decode_image(self.files[i], self.storage_size), int(self.labels[i])
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                with self._lock:
+                    if self.files[i] not in self.bad_files:
+                        self.bad_files.add(self.files[i])
+                        log.warning("skipping %s (%d bad so far)", e, len(self.bad_files))
+        raise DataError(f"no readable image among the {len(self.files)} files of {self.name}")
+
+
+class TfdsSource:
+    """A split of a TFDS dataset read through ``tfds.data_source``.
+
+    Args:
+        name: Dataset name for messages.
+        data_source: What ``tfds.data_source`` returned for one split.
+        image_key: Feature holding the image.
+        label_key: Feature holding the ClassLabel.
+        class_names: Name of each class index.
+        storage_size: If not None, images are resized on the host (variable
+            image shapes); None keeps them as stored.
+    """
+
+    def __init__(self, name, data_source, image_key, label_key, class_names, storage_size=None):
+        self.name = name
+        self.data_source = data_source
+        self.image_key = image_key
+        self.label_key = label_key
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.storage_size = storage_size
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        example = self.data_source[int(index)]
+        image = np.asarray(example[self.image_key])
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if self.storage_size is not None:
+            from PIL import Image
+
+            pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+            image = fit_storage(pil, self.storage_size)
+        return image.astype(np.uint8, copy=False), int(example[self.label_key])
+
+
+# --------------------------------------------------------------------------
+# Specs.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed ``--dataset`` string.
+
+    Attributes:
+        kind: "digits", "tfds" or "folder".
+        name: TFDS name (with config/version) or the folder path.
+        train_split: TFDS train split spec, None for the default.
+        val_split: TFDS val split spec, None for the default.
+    """
+
+    kind: str
+    name: str = ""
+    train_split: str | None = None
+    val_split: str | None = None
+
+
+_VERSION = re.compile(r"^\d+(\.(\d+|\*)){0,2}$")
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    """Splits on ':' that are not inside [...] (split slices contain colons)."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == ":" and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_spec(spec: str) -> DatasetSpec:
+    """Parses a dataset spec string (syntax in the module docstring).
+
+    Args:
+        spec: e.g. "digits", "tfds:cifar10:train[:90%]:train[90%:]",
+            "folder:/data/pets" or "/data/pets".
+
+    Returns:
+        The parsed spec.
+
+    Raises:
+        DataError: The spec matches none of the forms.
+    """
+    if spec == "digits":
+        return DatasetSpec("digits", "digits")
+    if spec.startswith("tfds:"):
+        parts = _split_outside_brackets(spec[len("tfds:") :])
+        name = parts.pop(0)
+        if parts and _VERSION.match(parts[0]):
+            name += ":" + parts.pop(0)
+        if not name or len(parts) > 2 or any(not p for p in parts):
+            raise DataError(
+                f"bad tfds spec {spec!r}: expected tfds:NAME[:VERSION][:TRAIN_SPLIT[:VAL_SPLIT]]"
+            )
+        parts += [None] * (2 - len(parts))
+        return DatasetSpec("tfds", name, parts[0], parts[1])
+    if spec.startswith("folder:"):
+        return DatasetSpec("folder", spec[len("folder:") :])
+    if os.sep in spec or spec.startswith((".", "~")) or os.path.isdir(spec):
+        return DatasetSpec("folder", spec)
+    raise DataError(
+        f"unknown dataset spec {spec!r}: expected 'digits', 'tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]', "
+        "'folder:PATH' or a directory path"
+    )
+
+
+def load_dataset(
+    spec: str,
+    *,
+    split: str,
+    data_dir: str | None = None,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    storage_size: int = DEFAULT_STORAGE_SIZE,
+    skip_bad: bool = False,
+) -> Source:
+    """Opens one split of the dataset named by ``spec``.
+
+    Args:
+        spec: Dataset spec (see the module docstring).
+        split: "train" or "val".
+        data_dir: TFDS data directory (TFDS's default when None); unused by
+            the other kinds.
+        seed: Seed of the train/val split for sources that carve one out
+            (digits, flat folders). The same seed gives the same split.
+        val_fraction: Held-out fraction where a split is carved; None means
+            0.2 for digits and 0.1 otherwise.
+        storage_size: Host-side image size for variable-size images.
+        skip_bad: For folders: log and count undecodable files and read the
+            next readable file in their place (see ``FolderSource``) instead
+            of raising ``DataError``.
+
+    Returns:
+        A ``Source``.
+
+    Raises:
+        DataError: Unknown spec, missing directory, empty class folder, TFDS
+            dataset unknown or not prepared, bad split; one line naming it.
+    """
+    if split not in _SPLITS:
+        raise DataError(f"split must be one of {_SPLITS}, got {split!r}")
+    parsed = parse_spec(spec)
+    if parsed.kind == "digits":
+        return _load_digits(split, seed, 0.2 if val_fraction is None else val_fraction)
+    fraction = 0.1 if val_fraction is None else val_fraction
+    if parsed.kind == "folder":
+        return _load_folder(parsed.name, split, seed, fraction, storage_size, skip_bad)
+    return _load_tfds(parsed, split, data_dir, fraction, storage_size)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split of example indices.
+
+    Each class with at least two examples gives ``round(count * val_fraction)``
+    examples (at least 1, at most count - 1) to val.
+
+    Args:
+        labels: int ``[N]``.
+        val_fraction: Fraction held out per class.
+        seed: Shuffle seed.
+
+    Returns:
+        (train_indices, val_indices), each sorted.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = len(members)
+        n_val = 0 if n < 2 else min(max(round(n * val_fraction), 1), n - 1)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _load_digits(split: str, seed: int, val_fraction: float) -> ArraySource:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    train, val = stratified_split(digits.target, val_fraction, seed)
+    idx = train if split == "train" else val
+    return ArraySource("digits", images[idx], digits.target[idx], [str(i) for i in range(10)])
+
+
+def _list_images(folder: str) -> list[str]:
+    return sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    )
+
+
+def _class_folders(root: str) -> list[str]:
+    entries = (d for d in os.listdir(root) if not d.startswith("."))
+    return sorted(d for d in entries if os.path.isdir(os.path.join(root, d)))
+
+
+def _scan_folder(
+    root: str, class_names: list[str] | None = None
+) -> tuple[list[str], list[int], list[str]]:
+    """Lists (files, labels, class_names) of an ImageFolder-layout directory."""
+    classes = _class_folders(root)
+    if not classes:
+        raise DataError(f"image folder {root} has no class subfolders")
+    if class_names is not None:
+        extra = sorted(set(classes) - set(class_names))
+        if extra:
+            raise DataError(f"image folder {root} has classes not in train: {', '.join(extra)}")
+    names = class_names if class_names is not None else classes
+    files, labels = [], []
+    for c in classes:
+        found = _list_images(os.path.join(root, c))
+        if not found:
+            kinds = "/".join(IMAGE_EXTENSIONS)
+            raise DataError(f"class folder {os.path.join(root, c)} has no {kinds} images")
+        files += found
+        labels += [names.index(c)] * len(found)
+    return files, labels, names
+
+
+def _load_folder(path, split, seed, val_fraction, storage_size, skip_bad) -> FolderSource:
+    root = os.path.expanduser(path)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root} does not exist or is not a directory")
+    name = os.path.basename(os.path.normpath(root))
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+        _, _, class_names = _scan_folder(train_dir)
+        files, labels, _ = _scan_folder(train_dir if split == "train" else val_dir, class_names)
+    else:
+        files, labels, class_names = _scan_folder(root)
+        train, val = stratified_split(np.asarray(labels), val_fraction, seed)
+        keep = train if split == "train" else val
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    return FolderSource(f"{name}/{split}", files, labels, class_names, storage_size, skip_bad)
+
+
+def _tfds_error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(parsed.name, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "no such dataset".
+        raise DataError(f"unknown tfds dataset {parsed.name!r}: {_tfds_error(e)}") from e
+    info = builder.info
+    image_key, label_key = _tfds_keys(parsed.name, info.features)
+    has_val = "validation" in info.splits
+    pct = round(100 * val_fraction)
+    train_split = parsed.train_split or ("train" if has_val else f"train[:{100 - pct}%]")
+    val_split = parsed.val_split or ("validation" if has_val else f"train[{100 - pct}%:]")
+    split_spec = train_split if split == "train" else val_split
+    try:
+        source = tfds.data_source(parsed.name, split=split_spec, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 -- map tfds's assorted errors to one line.
+        where = data_dir or "TFDS's default data_dir"
+        if builder.is_prepared():
+            message = f"tfds dataset {parsed.name!r} cannot read split {split_spec!r} in {where}"
+        else:
+            message = (
+                f"tfds dataset {parsed.name!r} is not prepared in {where} "
+                f"(run `tfds build {parsed.name} --file_format=array_record`)"
+            )
+        raise DataError(f"{message}: {_tfds_error(e)}") from e
+    label = info.features[label_key]
+    shape = info.features[image_key].shape
+    fixed = len(shape) == 3 and None not in shape
+    return TfdsSource(
+        f"{parsed.name}/{split_spec}",
+        source,
+        image_key,
+        label_key,
+        label.names,
+        storage_size=None if fixed else storage_size,
+    )
+
+
+def _tfds_keys(name: str, features) -> tuple[str, str]:
+    """Finds the image and ClassLabel features ('image'/'label' preferred)."""
+    import tensorflow_datasets as tfds
+
+    keys = list(features.keys())
+    labels = [k for k in keys if isinstance(features[k], tfds.features.ClassLabel)]
+    images = [k for k in keys if isinstance(features[k], tfds.features.Image)] or [
+        k
+        for k in keys
+        # ClassLabel is a Tensor subclass too, hence the exclusion.
+        if isinstance(features[k], tfds.features.Tensor)
+        and len(features[k].shape) in (2, 3)
+        and k not in labels
+    ]
+    if not images or not labels:
+        have = ", ".join(keys)
+        raise DataError(f"tfds dataset {name!r} has no image + ClassLabel features (has {have})")
+    image_key = "image" if "image" in images else images[0]
+    return image_key, ("label" if "label" in labels else labels[0])
+
+
+# --------------------------------------------------------------------------
+# Loader.
+
+
+class Loader:
+    """Seeded, resumable, process-sharded batches, prepared in a background thread.
+
+    Step ``s`` (global, counted from the start of training) is batch
+    ``s % steps_per_epoch`` of epoch ``e = s // steps_per_epoch``; epoch ``e``
+    visits the examples in the order ``np.random.default_rng(seed + e)
+    .permutation(n)`` (or in index order without ``shuffle``). Global batch
+    ``b`` holds order positions ``[b*B, (b+1)*B)``; process ``p`` of ``P``
+    gets its ``p``-th contiguous slice of ``B/P`` examples, so concatenating
+    the processes' batches in process order gives the global batch. Without
+    ``drop_remainder`` the last batch of each epoch is padded (zeros, label
+    0, ``mask`` False, ``index`` -1) to keep shapes static.
+
+    Each batch is a dict of numpy arrays: ``image`` uint8 ``[B/P, H, W, C]``,
+    ``label`` int32, ``mask`` bool (False for padding) and ``index`` int64
+    (dataset index, -1 for padding).
+
+    Iterating starts a thread that reads ``prefetch`` batches ahead (image
+    decoding fans out to ``num_workers`` threads). An exception while reading
+    is raised from ``next()`` in the consumer. Iterators should be closed
+    (``close()``, ``with``, exhausting them, or garbage collection).
+
+    Args:
+        source: A ``Source``.
+        batch_size: Global batch size (all processes), divisible by
+            ``process_count``.
+        shuffle: Shuffle each epoch.
+        seed: Base seed; epoch e uses ``seed + e``.
+        drop_remainder: Drop each epoch's last partial batch (training)
+            rather than pad it (evaluation).
+        process_index: This process (``jax.process_index()``).
+        process_count: All processes (``jax.process_count()``).
+        start_step: First global step to yield (resume position).
+        num_epochs: Stop after this many epochs; None repeats forever.
+        prefetch: Batches prepared ahead (queue bound), >= 1.
+        num_workers: Threads decoding the examples of one batch.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_remainder: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        start_step: int = 0,
+        num_epochs: int | None = None,
+        prefetch: int = 2,
+        num_workers: int = 4,
+    ):
+        if batch_size <= 0 or batch_size % process_count:
+            raise DataError(
+                f"batch size {batch_size} must be positive and divisible by "
+                f"{process_count} processes"
+            )
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process index {process_index} not in [0, {process_count})")
+        if prefetch < 1 or num_workers < 1 or start_step < 0:
+            raise DataError("prefetch and num_workers must be >= 1, start_step >= 0")
+        self.source = source
+        self.num_examples = len(source)
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_remainder = drop_remainder
+        self.process_index = process_index
+        self.process_count = process_count
+        self.start_step = start_step
+        self.num_epochs = num_epochs
+        self.prefetch = prefetch
+        self.num_workers = num_workers
+        full, rest = divmod(self.num_examples, batch_size)
+        self.steps_per_epoch = full if drop_remainder else full + (rest > 0)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{getattr(source, 'name', 'dataset')} has {self.num_examples} examples, "
+                f"fewer than one batch of {batch_size}"
+            )
+        self._example = None
+
+    @property
+    def num_steps(self) -> int | None:
+        """Total steps over ``num_epochs`` (None when repeating forever)."""
+        return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+
+    @property
+    def num_bad(self) -> int:
+        """Undecodable files skipped so far by the source (``skip_bad``)."""
+        return getattr(self.source, "num_bad", 0)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The example order of one epoch."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng(self.seed + epoch).permutation(self.num_examples)
+
+    def indices(self, step: int, order: np.ndarray | None = None) -> np.ndarray:
+        """Dataset indices of this process's part of global step ``step`` (-1 = padding).
+
+        Args:
+            step: Global step.
+            order: ``epoch_order`` of the step's epoch, if already computed.
+
+        Returns:
+            int64 ``[local_batch_size]``.
+        """
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch) if order is None else order
+        glob = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        glob = np.concatenate([glob, np.full(self.batch_size - len(glob), -1, glob.dtype)])
+        lo = self.process_index * self.local_batch_size
+        return glob[lo : lo + self.local_batch_size].astype(np.int64)
+
+    def read(
+        self, indices: np.ndarray, pool: concurrent.futures.Executor | None = None
+    ) -> dict[str, np.ndarray]:
+        """Reads the examples at ``indices`` into a batch dict (synchronously).
+
+        Args:
+            indices: Dataset indices, -1 for padding.
+            pool: Executor to decode examples in parallel; None reads serially.
+
+        Returns:
+            The batch dict (see the class docstring).
+        """
+        valid = indices >= 0
+        real = indices[valid]
+        if hasattr(self.source, "read_many"):
+            images, labels = self.source.read_many(real)
+        else:
+            items = list((pool.map if pool else map)(self.source.__getitem__, real.tolist()))
+            images = np.stack([im for im, _ in items]) if items else None
+            labels = np.array([lab for _, lab in items], np.int32)
+        if self._example is None:
+            self._example = images[0] if len(real) else self.source[0][0]
+        out_images = np.zeros((len(indices),) + self._example.shape, np.uint8)
+        out_labels = np.zeros(len(indices), np.int32)
+        if len(real):
+            if images.shape[1:] != self._example.shape:
+                raise DataError(
+                    f"{getattr(self.source, 'name', 'dataset')}: image shape "
+                    f"{images.shape[1:]} differs from {self._example.shape}; "
+                    "set a storage size for variable-size images"
+                )
+            out_images[valid] = images
+            out_labels[valid] = labels
+        return {"image": out_images, "label": out_labels, "mask": valid, "index": indices}
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's batch of global step ``step``, read synchronously."""
+        return self.read(self.indices(step))
+
+    def __iter__(self) -> LoaderIterator:
+        return LoaderIterator(self, self.start_step)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Puts unless stopped; polls so that ``close()`` never waits on a full queue."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(
+    loader: Loader, start: int, end: int | None, q: queue.Queue, stop: threading.Event, pool
+) -> None:
+    """Thread body; holds no reference to the iterator so that it can be collected."""
+    try:
+        step, epoch, order = start, None, None
+        while (end is None or step < end) and not stop.is_set():
+            e = step // loader.steps_per_epoch
+            if e != epoch:
+                epoch, order = e, loader.epoch_order(e)
+            if not _put(q, (step, loader.read(loader.indices(step, order), pool)), stop):
+                return
+            step += 1
+        _put(q, _END, stop)
+    except BaseException as e:  # noqa: BLE001 -- everything goes to the consumer.
+        _put(q, _Failure(e), stop)
+
+
+class LoaderIterator(Iterator[dict[str, np.ndarray]]):
+    """Iterator over a ``Loader``'s batches, fed by a background thread.
+
+    Attributes:
+        step: Global step of the next batch ``next()`` returns.
+    """
+
+    def __init__(self, loader: Loader, start_step: int):
+        self.step = start_step
+        self._queue: queue.Queue = queue.Queue(maxsize=loader.prefetch)
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            loader.num_workers, thread_name_prefix="loader-decode"
+        )
+        end = loader.num_steps
+        self._thread = threading.Thread(
+            target=_produce,
+            args=(loader, start_step, end, self._queue, self._stop, self._pool),
+            name="loader-prefetch",
+            daemon=True,
+        )
+        self._closed = False
+        self._thread.start()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise StopIteration
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self.close()
+                    raise RuntimeError("loader thread ended without a result") from None
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        step, batch = item
+        self.step = step + 1
+        return batch
+
+    def close(self) -> None:
+        """Stops the thread and its decode pool; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        # Drain so that a producer blocked in put() sees the stop flag promptly.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)
+        # The producer is gone, so at most num_workers decodes are in flight.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> LoaderIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- interpreter shutdown.
+            pass
