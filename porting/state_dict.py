@@ -189,9 +189,9 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
 def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
     name = type(model).__name__
     lines = [f"state_dict does not fit {name}:"]
-    matched = len(report.loaded) + len(report.mismatched)
-    if n_given and matched < 0.5 * max(n_given, 1):
-        lines[0] += (f" only {matched} of its {n_given} keys exist in the model; is it a "
+    matched = len(report.loaded)
+    if n_given and matched < 0.5 * n_given:
+        lines[0] += (f" only {matched} of its {n_given} tensors fit the model; is it a "
                      "checkpoint for another architecture?")
     if report.missing:
         lines.append(f"  {len(report.missing)} missing: " + ", ".join(report.missing))

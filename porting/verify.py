@@ -1,0 +1,119 @@
+"""``python -m porting.verify --arch NAME``: port a torch model and prove it computes the same.
+
+Builds the torch reference (random init with randomised BatchNorm statistics
+and affine terms, or the weights given), ports it to jaxnets, runs both on the
+same input and prints the max absolute and relative error of every compared
+quantity with PASS/FAIL. Exits 1 on FAIL, 2 on bad input.
+
+Examples::
+
+    python -m porting.verify --arch resnet50
+    python -m porting.verify --arch resnet18 --size 160 192 --batch 2
+    python -m porting.verify --arch resnet50 --weights resnet50-11ad3fa6.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m porting.verify",
+        description="Port a torchvision/PyTorch model to jaxnets and compare both in fp32 "
+                    "(outputs, BatchNorm statistics) and float64 (gradients).")
+    p.add_argument("--arch", required=True, help="registered model name, e.g. resnet50")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input height and width (default: the model's input size)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--weights", metavar="PATH",
+                   help="a torch checkpoint (.pth/.pt, or .safetensors) to compare with instead "
+                        "of a random initialisation; read without executing pickled code")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, input and loss")
+    p.add_argument("--no-grads", action="store_true",
+                   help="skip the gradient comparison (outputs and statistics only)")
+    p.add_argument("--fp32-grads", action="store_true",
+                   help="also report fp32 gradients (informational, see porting/parity.py)")
+    p.add_argument("--eager", action="store_true", help="run JAX op by op instead of jit")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _read_weights(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ValueError(f"weights file not found: {path}")
+    if path.endswith(".safetensors") or path.endswith(".json") or os.path.isdir(path):
+        from porting.safetensors_io import load_safetensors
+
+        return load_safetensors(path)
+    from porting.pth import load_state_dict_file
+
+    state_dict, notes = load_state_dict_file(path)
+    for note in notes:
+        print(f"{path}: {note}")
+    return state_dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the verification; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    import jaxnets
+
+    try:
+        spec = jaxnets.get_spec(args.arch)
+    except jaxnets.UnknownModelError as e:
+        return _fail(str(e))
+    if spec.kind not in ("image", "vector"):
+        return _fail(f"{args.arch} is a {spec.kind} model; porting.verify compares image and "
+                     "vector classifiers (its own tests compare it with torch)")
+    if args.batch < 1:
+        return _fail(f"--batch must be >= 1, got {args.batch}")
+    if args.size is not None:
+        if spec.kind != "image":
+            return _fail(f"--size does not apply to {args.arch}")
+        if any(s < m for s, m in zip(args.size, spec.min_size)):
+            return _fail(f"{args.arch} needs inputs of at least {spec.min_size[0]}x"
+                         f"{spec.min_size[1]}, got {args.size[0]}x{args.size[1]}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return _fail("porting.verify needs torch and torchvision: pip install 'jaxnets[torch]'")
+    from porting.parity import run_parity
+    from porting.state_dict import PortingError
+
+    state_dict = None
+    if args.weights:
+        try:
+            state_dict = _read_weights(args.weights)
+        except (ValueError, OSError) as e:
+            return _fail(str(e))
+    t0 = time.perf_counter()
+    try:
+        result = run_parity(args.arch, size=args.size, batch=args.batch, state_dict=state_dict,
+                            seed=args.seed, jit=not args.eager, grads=not args.no_grads,
+                            fp32_grads=args.fp32_grads)
+    except PortingError as e:
+        return _fail(f"{args.weights or args.arch}: {e}")
+    except RuntimeError as e:
+        if args.weights and "state_dict" in str(e):
+            first = str(e).strip().splitlines()[0]
+            return _fail(f"{args.weights} does not fit {args.arch}: {first}")
+        raise
+    dt = time.perf_counter() - t0
+    source = args.weights or "random init, randomised BatchNorm"
+    print(f"{args.arch}: input {result.input_shape} (NHWC), weights: {source}")
+    print(result.table())
+    verdict = "PASS" if result.passed else "FAIL"
+    print(f"{verdict}: {args.arch} jaxnets vs torch ({dt:.1f}s)")
+    return 0 if result.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

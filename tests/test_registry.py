@@ -1,0 +1,115 @@
+"""The registry and the model conventions every family shares."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxnets
+from jaxnets.layers import BatchNorm
+
+
+def test_list_models_has_the_foundation_models():
+    names = jaxnets.list_models()
+    for n in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+              "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+              "resnet18_cifar", "lenet5", "mlp"]:
+        assert n in names
+    assert names == sorted(names)
+    assert jaxnets.list_models("resnext*") == ["resnext101_32x8d", "resnext101_64x4d",
+                                               "resnext50_32x4d"]
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(jaxnets.UnknownModelError, match=r"'resnet5'.*did you mean.*resnet50"):
+        jaxnets.create_model("resnet5")
+
+
+def test_unknown_option_names_the_model():
+    with pytest.raises(TypeError, match="resnet18"):
+        jaxnets.create_model("resnet18", not_an_option=True)
+
+
+def test_num_classes_and_default():
+    m = jaxnets.create_model("resnet18_cifar", num_classes=7)
+    assert m.fc.kernel.shape == (512, 7)
+    assert jaxnets.create_model("lenet5").fc3.kernel.shape == (84, 10)
+
+
+def test_train_eval_switch_batchnorm_like_torch():
+    m = jaxnets.create_model("resnet18_cifar")
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 3 + 1
+    assert not m.bn1.use_running_average  # new models train, as torch modules do
+    before = np.asarray(m.bn1.mean[...])
+    m(x)
+    assert not np.allclose(before, m.bn1.mean[...])
+    assert int(m.bn1.num_batches_tracked[...]) == 1
+    m.eval()
+    assert m.bn1.use_running_average
+    frozen = np.asarray(m.bn1.mean[...])
+    y1, y2 = m(x), m(x[:2])
+    np.testing.assert_array_equal(frozen, m.bn1.mean[...])
+    # eval mode: an example's output does not depend on the rest of the batch
+    np.testing.assert_allclose(y1[:2], y2, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,match", [((3, 32, 32), "4-D"), ((2, 3, 32, 32), "NCHW"),
+                                         ((2, 32, 32, 1), "3 input channel")])
+def test_bad_input_shape_is_one_clear_error(shape, match):
+    m = jaxnets.create_model("resnet18_cifar")
+    with pytest.raises(ValueError, match=match):
+        m(jnp.zeros(shape))
+
+
+def test_zero_init_residual_zeroes_last_bn_of_each_block():
+    m = jaxnets.create_model("resnet50", zero_init_residual=True)
+    assert float(jnp.abs(m.layer1[0].bn3.scale[...]).max()) == 0.0
+    assert float(jnp.abs(m.layer1[0].bn2.scale[...]).min()) == 1.0
+    m18 = jaxnets.create_model("resnet18", zero_init_residual=True)
+    assert float(jnp.abs(m18.layer2[1].bn2.scale[...]).max()) == 0.0
+
+
+def test_replace_stride_with_dilation_keeps_resolution():
+    def layer4_shape(**kw):
+        m = jaxnets.create_model("resnet50", **kw)
+        m.eval()
+        x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+        body = lambda x: m.layer4(m.layer3(m.layer2(m.layer1(m.conv1(x)))))  # noqa: E731
+        return jax.eval_shape(body, x).shape
+
+    assert layer4_shape() == (1, 4, 4, 2048)
+    assert layer4_shape(replace_stride_with_dilation=[False, True, True]) == (1, 16, 16, 2048)
+    with pytest.raises(ValueError, match="3-element"):
+        jaxnets.create_model("resnet50", replace_stride_with_dilation=[True])
+    with pytest.raises(ValueError, match="dilation"):
+        jaxnets.create_model("resnet18", replace_stride_with_dilation=[False, False, True])
+
+
+def test_basicblock_rejects_groups():
+    with pytest.raises(ValueError, match="groups"):
+        jaxnets.create_model("resnet18", groups=2)
+
+
+def test_batchnorm_matches_torch_momentum_and_unbiased_running_var():
+    torch = pytest.importorskip("torch")
+    bn = BatchNorm(5)
+    tbn = torch.nn.BatchNorm2d(5)
+    x = np.random.default_rng(0).standard_normal((3, 4, 6, 5)).astype(np.float32) * 2 + 0.5
+    for _ in range(3):
+        y = bn(jnp.asarray(x))
+        ty = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], tbn.running_var.numpy(), rtol=1e-6)
+    assert int(bn.num_batches_tracked[...]) == int(tbn.num_batches_tracked) == 3
+
+
+def test_models_are_nnx_modules_that_split_and_merge():
+    m = jaxnets.create_model("lenet5")
+    graphdef, state = nnx.split(m)
+    m2 = nnx.merge(graphdef, state)
+    x = jnp.ones((2, 32, 32, 1))
+    m.eval()
+    m2.eval()
+    np.testing.assert_array_equal(m(x), m2(x))

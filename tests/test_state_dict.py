@@ -1,0 +1,117 @@
+"""The porting walker: strict loads, clear errors, exact round trips."""
+
+import numpy as np
+import pytest
+import torch
+
+import jaxnets
+from porting import PortingError, load_torch_state_dict, to_torch_state_dict
+from porting.reference import build_torch_model
+from porting.rules import flatten_linear
+
+
+@pytest.fixture(scope="module")
+def lenet_pair():
+    torch.manual_seed(0)
+    return build_torch_model("lenet5"), jaxnets.create_model("lenet5")
+
+
+def test_loads_torch_tensors_and_numpy_arrays(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = tmodel.state_dict()
+    report = load_torch_state_dict(model, sd)
+    assert report.ok and sorted(report.loaded) == sorted(sd)
+    np.testing.assert_array_equal(model.conv1.kernel[...], sd["conv1.weight"].numpy()
+                                  .transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(model.fc1.kernel[...], sd["fc1.weight"].numpy().T)
+    numpy_sd = {k: v.numpy() * 2 for k, v in sd.items()}
+    load_torch_state_dict(model, numpy_sd)
+    np.testing.assert_array_equal(model.fc3.bias[...], numpy_sd["fc3.bias"])
+
+
+def test_fp16_checkpoint_is_cast_and_reported(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = {k: v.half() for k, v in tmodel.state_dict().items()}
+    report = load_torch_state_dict(model, sd)
+    assert model.fc1.kernel[...].dtype == np.float32
+    assert any("float16->float32" in n for n in report.notes)
+
+
+def test_missing_key_is_named_and_model_untouched(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = dict(tmodel.state_dict())
+    load_torch_state_dict(model, sd)
+    before = np.asarray(model.fc2.kernel[...]).copy()
+    del sd["fc3.bias"]
+    sd["fc2.weight"] = sd["fc2.weight"] + 1
+    with pytest.raises(PortingError, match=r"1 missing: fc3\.bias"):
+        load_torch_state_dict(model, sd)
+    np.testing.assert_array_equal(model.fc2.kernel[...], before)  # nothing half-loaded
+    report = load_torch_state_dict(model, sd, strict=False)
+    assert report.missing == ["fc3.bias"] and not report.ok
+
+
+def test_unexpected_key_is_named(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = dict(tmodel.state_dict(), **{"fc4.weight": torch.zeros(3, 3)})
+    with pytest.raises(PortingError, match=r"1 unexpected: fc4\.weight"):
+        load_torch_state_dict(model, sd)
+    assert load_torch_state_dict(model, sd, strict=False).unexpected == ["fc4.weight"]
+
+
+def test_shape_mismatch_names_key_and_shapes_even_when_not_strict(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = dict(tmodel.state_dict())
+    sd["fc2.weight"] = torch.zeros(84, 121)
+    for strict in (True, False):
+        with pytest.raises(PortingError, match=r"fc2\.weight expected \[84, 120\] got \[84, 121\]"):
+            load_torch_state_dict(model, sd, strict=strict)
+
+
+def test_wrong_num_classes_suggests_the_fix():
+    torch.manual_seed(0)
+    sd = build_torch_model("lenet5", num_classes=5).state_dict()
+    model = jaxnets.create_model("lenet5", num_classes=10)
+    with pytest.raises(PortingError, match=r"fc3\.weight expected \[10, 84\] got \[5, 84\]"
+                                           r"(.|\n)*num_classes"):
+        load_torch_state_dict(model, sd)
+    report = load_torch_state_dict(model, sd, ignore=(jaxnets.get_spec("lenet5").head,))
+    assert sorted(report.ignored) == ["fc3.bias", "fc3.weight"]
+
+
+def test_state_dict_of_another_architecture():
+    sd = build_torch_model("mlp").state_dict()
+    model = jaxnets.create_model("lenet5")
+    with pytest.raises(PortingError, match="another architecture"):
+        load_torch_state_dict(model, sd)
+
+
+def test_not_a_mapping():
+    with pytest.raises(PortingError, match="mapping"):
+        load_torch_state_dict(jaxnets.create_model("mlp"), [1, 2])
+
+
+def test_flatten_linear_layout_is_an_exact_inverse():
+    rng = np.random.default_rng(0)
+    c, h, w, o = 3, 4, 5, 7
+    layout = flatten_linear(c, h, w)
+    t = rng.standard_normal((o, c * h * w)).astype(np.float32)
+    k = layout.from_torch(t)
+    np.testing.assert_array_equal(layout.to_torch(k), t)
+    assert layout.torch_shape(k.shape) == t.shape
+    # The flax kernel applied to NHWC-flattened features equals torch's on NCHW-flattened ones.
+    feats = rng.standard_normal((2, c, h, w)).astype(np.float32)
+    np.testing.assert_allclose(feats.transpose(0, 2, 3, 1).reshape(2, -1) @ k,
+                               feats.reshape(2, -1) @ t.T, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_state_dict_loads_strictly_into_torch_and_counts_batches():
+    torch.manual_seed(0)
+    tmodel = build_torch_model("resnet18_cifar")
+    model = jaxnets.create_model("resnet18_cifar")
+    model(np.zeros((2, 8, 8, 3), np.float32))  # one train-mode step: num_batches_tracked = 1
+    sd = to_torch_state_dict(model)
+    assert sd["bn1.num_batches_tracked"].dtype == np.int64
+    result = tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert int(tmodel.bn1.num_batches_tracked) == 1
