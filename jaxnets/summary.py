@@ -120,7 +120,8 @@ def summarize(name: str, *, size=None, batch: int = 1, **overrides) -> tuple[lis
       ``(rows, total_params)``.
     """
     spec = jaxnets.get_spec(name)
-    model = jaxnets.create_model(name, **overrides)
+    # Shapes only: nothing is initialised or computed, so a 600M-parameter model is cheap.
+    model = nnx.eval_shape(lambda: jaxnets.create_model(name, **overrides))
     model.eval()
     total = count_params(model)
     inputs = _example_input(spec, model, size, batch)

@@ -8,6 +8,13 @@ and the gradient of a scalar loss for every parameter (BatchNorm in eval mode,
 as when fine-tuning with frozen statistics, and in train mode). Dropout is set
 to 0 on both sides so train-mode runs are deterministic.
 
+Outputs must be within 1e-4 (absolute) of torch's fp32 outputs. Very deep
+networks amplify fp32 rounding beyond that: a random ResNet-101 gives logits
+that differ between torch fp32 and torch float64 by ~4e-4. When torch's
+float64 run is at hand (``grads=True``) an output that misses 1e-4 still
+passes if it is no further from the float64 result than ``FP32_NOISE_FACTOR``
+times torch's own fp32 error, and the table says so.
+
 Gradients are compared in float64 on both sides (JAX with x64 enabled, torch
 ``.double()``), where they must agree to 1e-4 per tensor (they agree to ~1e-12).
 In fp32 they are only reported (``fp32_grads=True``): fp32 gradients of a deep
@@ -35,8 +42,7 @@ import numpy as np
 from flax import nnx
 
 import jaxnets
-from porting.state_dict import (flax_to_torch, flax_variables, load_torch_state_dict,
-                                to_torch_state_dict)
+from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict
 
 __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity"]
 
@@ -45,6 +51,9 @@ __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays"
 # in fp32, a gradient of 1e-6 would pass any absolute bound).
 OUTPUT_ATOL = 1e-4
 REL_TOL = 1e-4
+# Two independent fp32 computations land at comparable distances from the exact
+# result; the factor leaves a margin for that ratio.
+FP32_NOISE_FACTOR = 3.0
 
 
 @dataclasses.dataclass
@@ -147,8 +156,10 @@ def randomize_torch_model(model, seed: int = 0, calibration_input=None) -> None:
                 continue
             n = m.num_features
             std = m.running_var.sqrt()
-            m.running_mean.add_(torch.randn(n, generator=g) * 0.1 * std)
-            m.running_var.mul_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            # Small perturbations: every channel differs from the batch statistics,
+            # yet eval-mode activations stay near unit scale through 100+ layers.
+            m.running_mean.add_(torch.randn(n, generator=g) * 0.05 * std)
+            m.running_var.mul_(torch.rand(n, generator=g) * 0.2 + 0.9)
             m.num_batches_tracked.zero_()
 
 
@@ -223,6 +234,8 @@ def _zero_dropout_torch(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) or type(m).__name__.startswith("Dropout"):
             m.p = 0.0
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0  # a float attribute, not a Dropout module
 
 
 def _zero_dropout_flax(model) -> None:
@@ -305,7 +318,14 @@ def _jax_side(fmodel, x, batch: int, seed: int, jit: bool, grads: bool = True) -
 
     return {"eval": [np.asarray(o) for o in y_eval], "eval_grads": torch_layout(g_eval),
             "train": [np.asarray(o) for o in y_train], "train_grads": torch_layout(g_train),
-            "stats": {k: v for k, v in to_torch_state_dict(fmodel).items() if "running" in k}}
+            "stats": _running_stats(fmodel)}
+
+
+def _running_stats(fmodel) -> dict:
+    """BatchNorm running statistics in torch naming (not the whole state_dict)."""
+    stats = {p: v.get_value() for p, v in flax_variables(fmodel).items()
+             if isinstance(v, nnx.BatchStat)}
+    return {k: v for k, v in flax_to_torch(fmodel, stats).items() if "running" in k}
 
 
 def _build_pair(arch, overrides, state_dict, seed, size, batch):
@@ -340,6 +360,25 @@ def _inputs(spec, model, size, batch, seed):
     h, w = size or spec.input_size
     x = rng.standard_normal((batch, h, w, spec.in_channels)).astype(np.float32)
     return x, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _judge_against_float64(q: Quantity, got, want32, want64) -> None:
+    """Let an output that misses the fp32 bound pass if torch fp32 misses it as much.
+
+    Deep networks amplify fp32 rounding: a random ResNet-101 gives logits that
+    differ between torch fp32 and torch float64 by ~4e-4, so no fp32
+    implementation can be held to 1e-4 of torch's fp32 there. Such an output
+    passes when it is no further from torch's float64 result than
+    ``FP32_NOISE_FACTOR`` times torch's own fp32 error; the note says so.
+    """
+    exact = np.asarray(want64, np.float64)
+    ours = float(np.max(np.abs(np.asarray(got, np.float64) - exact)))
+    theirs = float(np.max(np.abs(np.asarray(want32, np.float64) - exact)))
+    q.note = f"vs float64 torch: jax fp32 {ours:.2e}, torch fp32 {theirs:.2e}"
+    if not q.passed:
+        q.failed = [] if ours <= max(q.tol, FP32_NOISE_FACTOR * theirs) else ["y"]
+        q.note += (f" (judged: jax fp32 within {FP32_NOISE_FACTOR:g}x torch fp32's own error"
+                   " of the float64 result)")
 
 
 def _to_float64(fmodel):
@@ -400,14 +439,20 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
             got64 = _jax_side(f64, jnp.asarray(x, jnp.float64), batch, seed, jit)
         del f64
 
-    def outs(tag, f, t):
+    def outs(tag):
+        f, t = got[tag], want[tag]
         if len(f) != len(t):
             raise ValueError(f"{arch}: jax returns {len(f)} outputs in {tag} mode, torch {len(t)}")
-        return [compare_arrays(f"{tag} output {i}" if len(t) > 1 else f"{tag} logits",
+        qs = []
+        for i, (a, b) in enumerate(zip(f, t)):
+            q = compare_arrays(f"{tag} output {i}" if len(t) > 1 else f"{tag} logits",
                                {"y": a}, {"y": b}, tol=OUTPUT_ATOL, on="abs")
-                for i, (a, b) in enumerate(zip(f, t))]
+            if grads:
+                _judge_against_float64(q, a, b, want64[tag][i])
+            qs.append(q)
+        return qs
 
-    qs = outs("eval", got["eval"], want["eval"]) + outs("train", got["train"], want["train"])
+    qs = outs("eval") + outs("train")
     if want["stats"]:
         qs.append(compare_arrays("BN running stats", got["stats"], want["stats"], tol=REL_TOL,
                                  on="rel"))
