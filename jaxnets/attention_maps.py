@@ -1,0 +1,410 @@
+"""Attention maps of Vision Transformers: per-layer weights, attention rollout, a CLI.
+
+``attention_weights`` returns what every encoder block's self-attention puts on
+each token, per head; ``attention_rollout`` (Abnar & Zuidema 2020,
+"Quantifying Attention Flow in Transformers") folds the layers into one map of
+how much the class token draws from each patch. The command line draws them
+over an image::
+
+    python -m jaxnets.attention_maps --arch vit_b_16 --weights vit_b_16.pth \\
+        --image cat.jpg --out cat_attention.png --rollout
+
+(``python -m jaxnets.attention`` runs the same ``main``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnets.vit import VIT_VARIANTS, VisionTransformer
+
+__all__ = ["attention_weights", "attention_rollout", "class_token_attention", "main",
+           "SAMPLE_IMAGE"]
+
+SAMPLE_IMAGE = "sample.png"  # in jaxnets/assets
+_HEAD_FUSIONS = ("mean", "max", "min")
+_PANEL_INCHES = 2.5
+_DPI = 100
+_COLUMNS = 4
+
+
+# The graph definition is static (hashable): one compile per architecture and input shape.
+@functools.partial(jax.jit, static_argnums=0)
+def _weights_of(graphdef, state, images):
+    model = nnx.merge(graphdef, state)
+    return model.tokens(images, need_weights=True, deterministic=True)[1]
+
+
+def attention_weights(model: VisionTransformer, images) -> list[jax.Array]:
+    """Every encoder block's self-attention weights, per head.
+
+    Dropout is off whatever the model's mode (the model is not changed).
+
+    Args:
+      model: a ``VisionTransformer`` (e.g. ``create_model("vit_b_16")``).
+      images: (batch, image_size, image_size, channels) NHWC images,
+        normalised as the model expects.
+
+    Returns:
+      One (batch, heads, L, L) array per block, first block first; L is the
+      number of tokens (class token first, then the patches row by row) and
+      each row sums to 1 (softmax over keys).
+
+    Raises:
+      TypeError: for a model that is not a ``VisionTransformer``.
+      ValueError: for images of the wrong shape.
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError("attention_weights needs a jaxnets VisionTransformer; got "
+                        f"{type(model).__name__}")
+    images = jnp.asarray(images)
+    model.check_input(images)
+    graphdef, state = nnx.split(model)
+    return list(_weights_of(graphdef, state, images))
+
+
+def _fuse_heads(w: jax.Array, head_fusion: str) -> jax.Array:
+    if head_fusion == "mean":
+        return w.mean(axis=1)
+    if head_fusion == "max":
+        return w.max(axis=1)
+    return w.min(axis=1)
+
+
+def _discard_lowest(a: jax.Array, ratio: float) -> jax.Array:
+    """Zero the ``ratio`` weakest entries of each (L, L) map, never class->class."""
+    b, n, _ = a.shape
+    k = int(n * n * ratio)
+    if k <= 0:
+        return a
+    flat = a.reshape(b, n * n)
+    ranks = jnp.argsort(jnp.argsort(flat, axis=-1), axis=-1)
+    drop = (ranks < k).at[:, 0].set(False)  # keep the class token's self-attention
+    return jnp.where(drop, 0.0, flat).reshape(b, n, n)
+
+
+def attention_rollout(weights: Sequence[jax.Array], head_fusion: str = "mean",
+                      discard_ratio: float = 0.0,
+                      grid: tuple[int, int] | None = None) -> jax.Array:
+    """Attention rollout (Abnar & Zuidema 2020) from the class token to the patches.
+
+    Each layer's heads are fused into one (L, L) map A; the residual path is
+    accounted for with 0.5 * A + 0.5 * I, rows renormalised to sum to 1, and
+    the layers multiplied from the first to the last. The class token's row of
+    the product, over the patch tokens, is returned on the patch grid.
+
+    Args:
+      weights: per-layer (batch, heads, L, L) weights, first layer first, as
+        from ``attention_weights``.
+      head_fusion: how heads combine: ``"mean"`` (the paper), ``"max"`` or
+        ``"min"``.
+      discard_ratio: fraction of each fused map's weakest entries set to 0
+        before the identity is added (0 keeps all; the class token's
+        attention to itself is never discarded), to suppress noise.
+      grid: (height, width) of the patch grid; square when None.
+
+    Returns:
+      (batch, height, width) rollout: how much of the class token's final
+      representation flows from each patch (the values sum to at most 1 per
+      example; the rest stays on the class token).
+
+    Raises:
+      ValueError: for an unknown fusion, a ratio outside [0, 1), no layers or
+        a token count that does not fit the grid.
+    """
+    if head_fusion not in _HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {', '.join(_HEAD_FUSIONS)}; "
+                         f"got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1); got {discard_ratio}")
+    if not weights:
+        raise ValueError("attention_rollout needs the weights of at least one layer")
+    n = weights[0].shape[-1]
+    if grid is None:
+        g = math.isqrt(n - 1)
+        grid = (g, g)
+    if grid[0] * grid[1] != n - 1:
+        raise ValueError(f"{n - 1} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+    eye = jnp.eye(n, dtype=jnp.float32)
+    result = None
+    for w in weights:
+        a = _discard_lowest(_fuse_heads(jnp.asarray(w, jnp.float32), head_fusion), discard_ratio)
+        a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(axis=-1, keepdims=True)
+        result = a if result is None else jnp.einsum(
+            "bij,bjk->bik", a, result, precision=jax.lax.Precision.HIGHEST)
+    return result[:, 0, 1:].reshape(-1, *grid)
+
+
+def class_token_attention(weights: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
+    """Each head's attention from the class token to the patches, on the patch grid.
+
+    Args:
+      weights: one layer's (batch, heads, L, L) weights.
+      grid: (height, width) of the patch grid; square when None.
+
+    Returns:
+      (batch, heads, height, width) maps.
+    """
+    b, h, n, _ = weights.shape
+    if grid is None:
+        g = math.isqrt(n - 1)
+        grid = (g, g)
+    return jnp.asarray(weights)[:, :, 0, 1:].reshape(b, h, *grid)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+class _CliError(Exception):
+    """A problem with the command line's inputs, reported as one line."""
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m jaxnets.attention",
+        description="Draw a Vision Transformer's attention maps over an image.")
+    p.add_argument("--arch", default="vit_b_16",
+                   help=f"a ViT: {', '.join(VIT_VARIANTS)} (default vit_b_16)")
+    p.add_argument("--weights", default=None,
+                   help="a .pth state_dict, or a torchvision weights name (e.g. DEFAULT); "
+                        "random init when left out")
+    p.add_argument("--image", default=None,
+                   help="image file; the bundled sample image when left out")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="encoder block whose heads are drawn (negative counts from the "
+                        "end; default -1, the last)")
+    p.add_argument("--rollout", action="store_true",
+                   help="add an attention-rollout panel (all layers)")
+    p.add_argument("--head-fusion", default="mean", choices=_HEAD_FUSIONS,
+                   help="how the rollout fuses heads (default mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="fraction of the weakest attention discarded in the rollout")
+    return p.parse_args(argv)
+
+
+def _sample_path() -> str:
+    return str(resources.files("jaxnets") / "assets" / SAMPLE_IMAGE)
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise _CliError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise _CliError(f"cannot read image {path}: {e}") from e
+
+
+def _eval_config(size: int, transforms=None):
+    """The eval transform: the weights' own, else ImageNet's resize 256/224, crop, normalise."""
+    from train.augment import AugmentConfig
+
+    if transforms is not None and transforms.crop_size == size:
+        return AugmentConfig(crop_size=size, resize_size=transforms.resize_size,
+                             interpolation=transforms.interpolation,
+                             mean=tuple(transforms.mean), std=tuple(transforms.std))
+    return AugmentConfig(crop_size=size, resize_size=int(size * 256 / 224))
+
+
+def _model_from_state_dict(arch: str, state_dict: dict):
+    """A model shaped like the checkpoint (classes, representation size, image size).
+
+    Built abstractly and filled, so no random initialisation is computed for
+    parameters the checkpoint provides.
+    """
+    from porting import PortingError, load_torch_state_dict
+    from porting.pretrained import build_abstract, materialize
+
+    patch = VIT_VARIANTS[arch][0]
+    num_classes, overrides = None, {}
+    head = state_dict.get("heads.head.weight")
+    if head is not None:
+        num_classes = int(head.shape[0])
+    pre = state_dict.get("heads.pre_logits.weight")
+    if pre is not None:
+        overrides["representation_size"] = int(pre.shape[0])
+    pos = state_dict.get("encoder.pos_embedding")
+    if pos is not None and len(pos.shape) == 3:
+        g = math.isqrt(pos.shape[1] - 1)
+        if g * g == pos.shape[1] - 1:
+            overrides["image_size"] = g * patch
+    model = build_abstract(arch, num_classes, **overrides)
+    state_dict, notes = model.adapt_torch_state_dict(state_dict)
+    try:
+        report = load_torch_state_dict(model, state_dict)
+    except PortingError as e:
+        raise _CliError(" ".join(line.strip() for line in str(e).splitlines())) from e
+    materialize(model, arch, num_classes, 0, **overrides)
+    return model, notes + [str(report)]
+
+
+def _check_arch(arch: str, layer: int) -> None:
+    import jaxnets
+
+    if arch not in VIT_VARIANTS:
+        jaxnets.get_spec(arch)  # raises UnknownModelError naming close matches
+        raise _CliError(f"--arch {arch} is not a Vision Transformer; attention maps need one of "
+                        f"{', '.join(VIT_VARIANTS)}")
+    n = VIT_VARIANTS[arch][1]
+    if not -n <= layer < n:
+        raise _CliError(f"--layer {layer} is out of range: {arch} has {n} layers "
+                        f"(0..{n - 1}, or -{n}..-1)")
+
+
+def _load_model(arch: str, weights: str | None):
+    import jaxnets
+
+    if weights is None:
+        print(f"no --weights: {arch} is randomly initialised; the attention maps of an "
+              "untrained model are noise")
+        return jaxnets.create_model(arch), None
+    from porting.pretrained import is_weights_path
+
+    if is_weights_path(weights) and not weights.endswith((".safetensors", ".json")) \
+            and not os.path.isdir(weights):
+        from porting.pth import PthError, load_state_dict_file
+
+        if not os.path.isfile(weights):
+            raise _CliError(f"weights file not found: {weights}")
+        try:
+            state_dict, notes = load_state_dict_file(weights)
+        except PthError as e:
+            raise _CliError(str(e)) from e
+        model, more = _model_from_state_dict(arch, state_dict)
+        print(f"weights {weights}: " + "; ".join(notes + more))
+        return model, None
+    # Registry names (DEFAULT, IMAGENET1K_V1...), safetensors and converted directories.
+    from porting.hub import DownloadError
+    from porting.pretrained import load_torchvision, resolve_weights
+
+    try:
+        transforms = None if is_weights_path(weights) else resolve_weights(arch,
+                                                                           weights).transforms
+        model, report = load_torchvision(arch, weights)
+    except (ValueError, OSError, DownloadError) as e:
+        raise _CliError(f"--weights {weights}: " + " ".join(
+            line.strip() for line in str(e).splitlines())) from e
+    print(f"weights {arch} {weights}: {report}")
+    return model, transforms
+
+
+def _overlay(ax, image, heat, title):
+    ax.imshow(image)
+    h, w = image.shape[:2]
+    ax.imshow(np.asarray(heat), cmap="inferno", alpha=0.6, extent=(0, w, h, 0),
+              interpolation="bilinear")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def _figure_shape(panels: int) -> tuple[int, int]:
+    cols = min(_COLUMNS, panels)
+    return -(-panels // cols), cols
+
+
+def _draw(out: str, image: np.ndarray, heads: np.ndarray, layer: int, rollout, caption: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(heads) + (rollout is not None)
+    rows, cols = _figure_shape(panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * _PANEL_INCHES, rows * _PANEL_INCHES),
+                             dpi=_DPI, squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(image)
+    axes[0].set_title("input", fontsize=9)
+    axes[0].axis("off")
+    for i, heat in enumerate(heads):
+        _overlay(axes[1 + i], image, heat, f"layer {layer} head {i}")
+    if rollout is not None:
+        _overlay(axes[1 + len(heads)], image, rollout, "rollout")
+    for ax in axes[panels:]:
+        ax.axis("off")
+    fig.suptitle(caption, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / (rows + 0.35),
+                        wspace=0.04, hspace=0.12)
+    try:
+        # No bbox_inches="tight": the image is exactly cols x rows panels.
+        fig.savefig(out, dpi=_DPI)
+    except OSError as e:
+        raise _CliError(f"cannot write {out}: {e}") from e
+    finally:
+        plt.close(fig)
+
+
+def _run(args) -> None:
+    if not args.out.lower().endswith(".png"):
+        raise _CliError(f"--out must name a .png file; got {args.out}")
+    if not 0.0 <= args.discard_ratio < 1.0:
+        raise _CliError(f"--discard-ratio must be in [0, 1); got {args.discard_ratio}")
+    if args.image is None:
+        path = _sample_path()
+        print(f"no --image: using the bundled sample image {path}")
+    else:
+        path = args.image
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise _CliError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    raw = _read_image(path)
+    _check_arch(args.arch, args.layer)
+    model, transforms = _load_model(args.arch, args.weights)
+    from train.augment import eval_transform
+
+    cfg = _eval_config(model.image_size, transforms)
+    x = eval_transform(jnp.asarray(raw)[None], cfg)
+    weights = attention_weights(model, x)
+    layer = args.layer % len(weights)
+    grid = model.grid_size
+    heads = np.asarray(class_token_attention(weights[layer], grid)[0])
+    rollout = None
+    if args.rollout:
+        rollout = np.asarray(attention_rollout(weights, args.head_fusion, args.discard_ratio,
+                                               grid)[0])
+    # Show the crop the model saw, mapped back from the normalisation to 0..1.
+    shown = np.clip(np.asarray(x[0]) * np.asarray(cfg.std) + np.asarray(cfg.mean), 0, 1)
+    caption = f"{args.arch} class-token attention, {os.path.basename(path)}"
+    _draw(args.out, shown, heads, layer, rollout, caption)
+    print(f"wrote {args.out}: {len(heads)} heads of layer {layer}"
+          + (" and the rollout over all layers" if rollout is not None else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: draw a ViT's per-head attention maps (and rollout) over an image.
+
+    Args:
+      argv: arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+      The exit status: 0 on success, 1 after printing ``error: ...`` to stderr.
+    """
+    from jaxnets.registry import UnknownModelError
+
+    args = _parse(argv)
+    try:
+        _run(args)
+    except (_CliError, UnknownModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
