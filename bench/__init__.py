@@ -1,0 +1,1 @@
+"""Measurements: load and conversion timings, training throughput."""

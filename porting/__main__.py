@@ -1,0 +1,245 @@
+"""``python -m porting``: convert torch checkpoints to jaxnets and export them back.
+
+Commands:
+
+* ``convert --arch A --weights NAME_OR_PATH --out DIR [--num-classes N]``
+  writes a *converted directory* (``model.safetensors`` keyed by flax paths in
+  flax layout, plus ``jaxnets.json``; see ``porting.pretrained``). ``NAME`` is
+  a registry weights name (``DEFAULT``, ``IMAGENET1K_V2``,
+  ``resnet50.IMAGENET1K_V1``), fetched like ``from_torchvision`` does; a path
+  is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint.
+* ``export --arch A --checkpoint DIR --out FILE.pth|FILE.safetensors
+  [--num-classes N]`` writes a torch state_dict that
+  ``torchvision.models.<A>().load_state_dict(..., strict=True)`` accepts.
+  ``DIR`` is a converted directory, or an Orbax checkpoint of
+  ``nnx.state(model)`` or of its ``to_pure_dict()`` (as
+  ``ocp.StandardCheckpointer().save(DIR, nnx.state(model))`` writes; a
+  ``{"model": ...}`` wrapper is unwrapped). ``.pth`` needs torch;
+  ``.safetensors`` does not.
+* ``weights [--arch A]`` lists the registry's weights names.
+* ``verify ...`` forwards to ``porting.verify`` where that module exists.
+
+Every error is one line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+__all__ = ["main"]
+
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+_MAX_ERROR = 1500
+
+
+class CliError(Exception):
+    """A user error, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see python -m porting --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m porting", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="torch checkpoint -> converted jaxnets directory")
+    c.add_argument("--arch", required=True, help="jaxnets model name, e.g. resnet50")
+    c.add_argument("--weights", default="DEFAULT",
+                   help="weights name (DEFAULT, IMAGENET1K_V2, ...) or checkpoint path")
+    c.add_argument("--out", required=True, type=Path, help="directory to write")
+    c.add_argument("--num-classes", type=int, default=None,
+                   help="classifier outputs; a different count gets a fresh head")
+    c.add_argument("--seed", type=int, default=0, help="seed for a fresh head")
+    c.add_argument("--cache-dir", default=None, help="converted cache root ($JAXNETS_CACHE)")
+    c.add_argument("--no-progress", action="store_true", help="no download progress bar")
+
+    e = sub.add_parser("export", help="jaxnets checkpoint -> torch state_dict file")
+    e.add_argument("--arch", required=True, help="jaxnets model name")
+    e.add_argument("--checkpoint", required=True, type=Path,
+                   help="converted directory or Orbax checkpoint of nnx.state(model)")
+    e.add_argument("--out", required=True, type=Path, help="FILE.pth or FILE.safetensors")
+    e.add_argument("--num-classes", type=int, default=None,
+                   help="expected classifier outputs (default: the checkpoint's)")
+
+    w = sub.add_parser("weights", help="list the pretrained weights names")
+    w.add_argument("--arch", default=None, help="only this arch")
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " ..."
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import jaxnets
+    from porting import pretrained
+
+    jaxnets.get_spec(args.arch)
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise CliError(f"--num-classes must be positive, got {args.num_classes}")
+    model, report = pretrained.load_torchvision(
+        args.arch, args.weights, num_classes=args.num_classes, seed=args.seed,
+        cache_dir=args.cache_dir, progress=not args.no_progress)
+    if pretrained.is_weights_path(args.weights):
+        source = str(Path(args.weights).resolve())
+        overrides: dict[str, Any] = {}
+        if pretrained.is_converted(args.weights):
+            overrides = pretrained.read_converted(args.weights)[1].get("model_overrides", {})
+        weights_name = None
+    else:
+        w = pretrained.resolve_weights(args.arch, args.weights)
+        source, overrides, weights_name = w.url, w.model_overrides, w.spec
+    meta = {"arch": args.arch, "num_classes": pretrained.head_classes(model, args.arch),
+            "model_overrides": overrides, "weights": weights_name, "source": source,
+            "report": str(report)}
+    pretrained.write_converted(args.out, pretrained.model_flat(model), meta)
+    print(f"{args.arch}: {report}")
+    print(f"wrote {args.out}")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        path = prefix[:-1]
+        # nnx.State saves each Variable as {"value": array}.
+        if path.endswith(".value"):
+            path = path[: -len(".value")]
+        out[path] = tree
+    return out
+
+
+def _read_orbax(path: Path) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ocp.StandardCheckpointer().restore(path.resolve())
+    except Exception as e:  # orbax raises assorted types for a damaged directory
+        raise CliError(f"cannot restore Orbax checkpoint {path}: {_one_line(e)}") from None
+    for _ in range(3):
+        if isinstance(tree, dict) and "model" in tree and isinstance(tree["model"], dict):
+            tree = tree["model"]
+    if not isinstance(tree, dict):
+        raise CliError(f"{path}: Orbax checkpoint holds a {type(tree).__name__}, not a state")
+    return {k: np.asarray(v) for k, v in _flatten(tree).items()}
+
+
+def _export(args: argparse.Namespace) -> None:
+    import jaxnets
+    from porting import pretrained
+    from porting.state_dict import to_torch_state_dict
+
+    jaxnets.get_spec(args.arch)
+    suffix = args.out.suffix
+    if suffix not in (".pth", ".pt", ".safetensors"):
+        raise CliError(f"--out must end in .pth, .pt or .safetensors, got {args.out.name}")
+    ckpt = args.checkpoint
+    if not ckpt.is_dir():
+        raise CliError(f"checkpoint directory not found: {ckpt}")
+    overrides: dict[str, Any] = {}
+    default_classes = args.num_classes
+    if pretrained.is_converted(ckpt):
+        flat, meta = pretrained.read_converted(ckpt)
+        if meta.get("arch") != args.arch:
+            raise CliError(f"{ckpt} holds a converted {meta.get('arch')}, not {args.arch}")
+        overrides = meta.get("model_overrides", {})
+        default_classes = default_classes or meta.get("num_classes")
+    elif any((ckpt / m).exists() for m in _ORBAX_MARKERS):
+        flat = _read_orbax(ckpt)
+    else:
+        raise CliError(f"{ckpt} is neither a converted directory (no jaxnets.json) nor an "
+                       "Orbax checkpoint")
+    model, _, nc = pretrained.load_into_abstract(
+        args.arch, flat, torch_keys=False, label=ckpt.name, default_classes=default_classes,
+        overrides=overrides, consume=True)
+    if args.num_classes is not None and nc is not None and nc != args.num_classes:
+        raise CliError(f"{ckpt} has a {nc}-class head, --num-classes says {args.num_classes}")
+    state = to_torch_state_dict(model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.stem}.{os.getpid()}.tmp{suffix}")
+    try:
+        if suffix == ".safetensors":
+            from porting.safetensors_io import save_safetensors
+
+            save_safetensors(state, tmp, metadata={"format": "pt", "arch": args.arch})
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise CliError("writing .pth needs torch (pip install torch); "
+                               "write .safetensors instead") from None
+            torch.save(collections.OrderedDict(
+                (k, torch.from_numpy(np.require(v, requirements="CW"))) for k, v in state.items()),
+                tmp)
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {len(state)} tensors to {args.out}")
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from porting.weights import get_weights, list_weights
+
+    names = list_weights(args.arch)
+    if args.arch is not None and not names:
+        get_weights(args.arch)  # raises with the list of archs that have weights
+        raise CliError(f"{args.arch} has weights in the table but is not registered in jaxnets")
+    for name in names:
+        w = get_weights(name)
+        print(f"{name:40s} acc@1={w.metrics.get('acc@1')} {w.url}")
+
+
+def _verify(argv: list[str]) -> int:
+    if importlib.util.find_spec("porting.verify") is None:
+        raise CliError("porting.verify is not available in this checkout")
+    verify = importlib.import_module("porting.verify")
+    if not hasattr(verify, "main"):
+        raise CliError("porting.verify has no main(argv)")
+    return int(verify.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI.
+
+    Args:
+      argv: arguments; ``sys.argv[1:]`` when None.
+
+    Returns:
+      The exit status: 0, or 2 after printing ``error: ...``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "verify":
+            return _verify(argv[1:])
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # --help, or a usage error already printed
+            return int(e.code or 0)
+        {"convert": _convert, "export": _export, "weights": _weights}[args.command](args)
+    except (CliError, ValueError, OSError, TypeError, RuntimeError) as e:
+        # ValueError covers unknown arch/weights, corrupt files and wrong-arch
+        # loads; RuntimeError covers failed downloads.
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Tests for ``python -m porting convert|export``: round trips to torch and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from flax import nnx
+
+from porting.__main__ import main
+from porting.pretrained import build_abstract, materialize, read_converted
+from porting.safetensors_io import load_safetensors
+from porting.state_dict import to_torch_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(torch resnet18, its .pth, the directory ``convert`` wrote from it)."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    pth = root / "r18.pth"
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, pth)
+    out = root / "converted"
+    assert main(["convert", "--arch", "resnet18", "--weights", str(pth), "--out", str(out)]) == 0
+    return model, pth, out
+
+
+def _same_logits(reference: torch.nn.Module, state_dict) -> None:
+    restored = torchvision.models.resnet18()
+    restored.load_state_dict(state_dict, strict=True)
+    restored.eval()
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 64, 64), np.float32))
+    with torch.no_grad():
+        diff = (restored(x) - reference(x)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_convert_writes_documented_format(converted):
+    _, pth, out = converted
+    flat, meta = read_converted(out)
+    assert meta["arch"] == "resnet18" and meta["num_classes"] == 1000
+    assert meta["source"] == str(pth.resolve())
+    assert flat["conv1.kernel"].shape == (7, 7, 3, 64)  # flax layout, flax path
+    assert "unwrapped 'state_dict'" in meta["report"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_export_round_trip_matches_torch(converted, tmp_path, suffix):
+    model, _, out = converted
+    target = tmp_path / f"exported{suffix}"
+    assert main(["export", "--arch", "resnet18", "--checkpoint", str(out),
+                 "--out", str(target)]) == 0
+    if suffix == ".pth":
+        state = torch.load(target, weights_only=True)
+    else:
+        state = safetensors.torch.load_file(target)
+    assert state["bn1.num_batches_tracked"].dtype == torch.int64
+    _same_logits(model, state)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_export_accepts_orbax_state(tmp_path):
+    model = build_abstract("lenet5", 7)
+    materialize(model, "lenet5", 7)  # a concrete model without eager init's slow start
+    for kind, state in (("state", nnx.state(model)), ("pure", nnx.to_pure_dict(nnx.state(model)))):
+        ckpt = tmp_path / kind
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(ckpt, state)
+        checkpointer.wait_until_finished()
+        target = tmp_path / f"{kind}.safetensors"
+        assert main(["export", "--arch", "lenet5", "--checkpoint", str(ckpt),
+                     "--out", str(target)]) == 0
+        exported, expected = load_safetensors(target), to_torch_state_dict(model)
+        assert exported.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
+    _, pth, out = converted
+    convert = ["convert", "--out", str(tmp_path / "x")]
+    assert "resnet18" in _error(capsys, convert + ["--arch", "resnet81", "--weights", str(pth)])
+    assert "available: IMAGENET1K_V1, DEFAULT" in _error(
+        capsys, convert + ["--arch", "resnet18", "--weights", "IMAGENET1K_V7"])
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
+    assert "corrupt.pth" in _error(capsys, convert + ["--arch", "resnet18",
+                                                      "--weights", str(corrupt)])
+    err = _error(capsys, convert + ["--arch", "resnet34", "--weights", str(pth)])
+    assert "r18.pth: " in err and "layer1.2.conv1.weight" in err
+    export = ["export", "--checkpoint", str(out)]
+    assert ".pth, .pt or .safetensors" in _error(
+        capsys, export + ["--arch", "resnet18", "--out", str(tmp_path / "x.npz")])
+    assert "not resnet34" in _error(capsys, export + ["--arch", "resnet34",
+                                                       "--out", str(tmp_path / "x.pth")])
+    assert "neither a converted directory" in _error(
+        capsys, ["export", "--arch", "resnet18", "--checkpoint", str(tmp_path),
+                 "--out", str(tmp_path / "x.pth")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pth").exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert "--out" in _error(capsys, ["convert", "--arch", "resnet18"])
+    assert "invalid choice" in _error(capsys, ["frobnicate"])
+
+
+def test_module_entry_point_converts_without_torch(converted, tmp_path):
+    _, pth, reference = converted
+    # A sitecustomize that makes "import torch" fail in the child process.
+    marker = tmp_path / "torch_blocked"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys, pathlib\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "porting", "convert", "--arch", "resnet18", "--weights", str(pth),
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists()
+    ours, theirs = read_converted(out)[0], read_converted(reference)[0]
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)

@@ -1,0 +1,209 @@
+"""Tests for porting.pretrained: hub cache -> download -> load, and the converted cache.
+
+Nothing is downloaded from the internet: a torch-made resnet18 checkpoint is
+served from 127.0.0.1 and a registry entry is pointed at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import shutil
+import socket
+import threading
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+import jaxnets
+from porting import hub, pretrained
+from porting.pretrained import read_converted
+from porting.pth import PthError
+from porting.state_dict import PortingError, flax_variables, to_torch_state_dict
+from porting.weights import UnknownWeightsError, get_weights
+
+
+def _torch_resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    # Non-trivial BN statistics and affine terms, or BN porting bugs hide.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """(torch model, served directory, file name) of a random resnet18 checkpoint."""
+    root = tmp_path_factory.mktemp("served")
+    model = _torch_resnet18()
+    tmp = root / "tmp.pth"
+    torch.save(model.state_dict(), tmp)
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    name = f"resnet18-{sha[:8]}.pth"
+    tmp.rename(root / name)
+    return model, root, name
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    _, root, _ = ckpt
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(ckpt, base_url):
+    _, _, name = ckpt
+    return dataclasses.replace(get_weights("resnet18"), url=f"{base_url}/{name}",
+                               hash_prefix=name.split("-")[1].split(".")[0])
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """Empty torch hub and converted caches, set through the environment."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("JAXNETS_CACHE", str(tmp_path / "jaxnets"))
+    return hub.hub_checkpoints_dir(), tmp_path / "jaxnets"
+
+
+def _logits(model, torch_model, x):
+    model.eval()
+    graphdef, state = nnx.split(model)
+    # One compiled forward is several times faster than op-by-op dispatch here.
+    ours = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    return ours, ref
+
+
+def test_download_then_converted_cache(ckpt, server, dirs, monkeypatch):
+    torch_model, _, name = ckpt
+    hub_dir, cache_root = dirs
+    w = _weights(ckpt, server)
+    model, report = pretrained.load_torchvision("resnet18", w, progress=False)
+    assert (hub_dir / name).is_file() and sorted(p.name for p in hub_dir.iterdir()) == [name]
+    assert report.ok and len(report.loaded) == 122 and not report.ignored
+    assert any(str(hub_dir / name) in n for n in report.notes)
+    x = np.random.default_rng(0).standard_normal((1, 64, 64, 3), np.float32)
+    ours, ref = _logits(model, torch_model, x)
+    assert np.abs(ours - ref).max() <= 1e-4
+    entry = cache_root / "resnet18.IMAGENET1K_V1"
+    assert pretrained.is_converted(entry)
+
+    # Second load: neither the .pth nor its reader may be touched.
+    (hub_dir / name).unlink()
+
+    def refuse(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(pretrained, "load_state_dict_file", refuse)
+    again, report2 = pretrained.load_torchvision("resnet18", w, progress=False)
+    assert any("converted cache" in n for n in report2.notes)
+    first, second = pretrained.model_flat(model), pretrained.model_flat(again)
+    assert first.keys() == second.keys()
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k], err_msg=k)
+
+
+def test_hub_cache_hit_without_network_rebuilds_damaged_converted_cache(ckpt, dirs):
+    torch_model, root, name = ckpt
+    hub_dir, cache_root = dirs
+    hub_dir.mkdir(parents=True)
+    shutil.copy(root / name, hub_dir / name)
+    w = _weights(ckpt, f"http://127.0.0.1:{_closed_port()}")
+    entry = cache_root / "resnet18.IMAGENET1K_V1"
+    pretrained.write_converted(entry, {"conv1.kernel": np.zeros(3, np.float32)},
+                               {"arch": "resnet18", "weights": w.spec, "url": w.url})
+    model = pretrained.from_torchvision("resnet18", w, progress=False)
+    assert read_converted(entry)[0]["conv1.kernel"].shape == (7, 7, 3, 64)
+    ref = torch_model.state_dict()
+    ported = to_torch_state_dict(model)
+    for k in ("conv1.weight", "layer4.1.bn2.running_var", "fc.weight"):
+        np.testing.assert_array_equal(ported[k], ref[k].numpy(), err_msg=k)
+
+
+def test_offline_error_says_where_to_put_the_file(ckpt, dirs):
+    hub_dir, cache_root = dirs
+    w = _weights(ckpt, f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(hub.DownloadError) as e:
+        pretrained.load_torchvision("resnet18", w, progress=False)
+    msg = str(e.value)
+    assert w.url in msg and str(hub_dir / w.file_name) in msg and "--weights PATH" in msg
+    assert list(hub_dir.iterdir()) == [] and not cache_root.exists()
+
+
+def test_other_class_count_gets_a_fresh_head(ckpt):
+    torch_model, root, name = ckpt
+    model, report = pretrained.load_torchvision("resnet18", root / name, num_classes=10)
+    assert sorted(report.ignored) == ["fc.bias", "fc.weight"] and len(report.loaded) == 120
+    assert any("head" in n and "1000" in n for n in report.notes)
+    ported, ref = to_torch_state_dict(model), torch_model.state_dict()
+    assert ported["fc.weight"].shape == (10, 512)
+    assert np.isfinite(ported["fc.weight"]).all() and ported["fc.weight"].std() > 0
+    for k in ref:
+        if not k.startswith("fc."):
+            np.testing.assert_array_equal(ported[k], ref[k].numpy(), err_msg=k)
+
+
+def test_bad_inputs_get_one_clear_error(ckpt, tmp_path):
+    _, root, name = ckpt
+    with pytest.raises(jaxnets.UnknownModelError, match="resnet18"):
+        pretrained.load_torchvision("resnet81", "DEFAULT")
+    with pytest.raises(UnknownWeightsError, match="available: IMAGENET1K_V1, DEFAULT"):
+        pretrained.load_torchvision("resnet18", "IMAGENET1K_V2")
+    with pytest.raises(UnknownWeightsError, match="resnet50.IMAGENET1K_V2 are for resnet50"):
+        pretrained.load_torchvision("resnet18", "resnet50.IMAGENET1K_V2")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        pretrained.load_torchvision("resnet18", tmp_path / "nope.pth")
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(PthError, match="corrupt.pth"):
+        pretrained.load_torchvision("resnet18", bad)
+    with pytest.raises(PortingError) as e:
+        pretrained.load_torchvision("resnet34", root / name)
+    assert str(e.value).startswith(f"{name}: ") and "layer1.2.conv1.weight" in str(e.value)
+
+
+def test_materialize_matches_create_model():
+    model = pretrained.build_abstract("lenet5", 7)
+    fresh = pretrained.materialize(model, "lenet5", 7, seed=3)
+    assert "fc3.kernel" in fresh and not pretrained.materialize(model, "lenet5", 7, seed=3)
+
+    # create_model's own initialisers run whole, as one program (eager init is slow to
+    # start): materialize must pick out the same values, not a re-seeded stream.
+    def reference():
+        model = jaxnets.create_model("lenet5", num_classes=7, seed=3)
+        return {p: v.get_value() for p, v in flax_variables(model).items()}
+
+    compiled = jax.jit(reference).lower().compile(compiler_options=pretrained._FAST_COMPILE)
+    ours, ref = pretrained.model_flat(model), compiled()
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
