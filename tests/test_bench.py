@@ -1,0 +1,45 @@
+"""bench.train_step runs both frameworks and reports sane figures; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+
+from bench.train_step import bench_arch, format_table, main
+
+
+def test_short_benchmark_of_two_models():
+    precision_before = jax.config.jax_default_matmul_precision
+    results = [bench_arch("lenet5", batch=2, size=32, precision="bf16", steps=2, warmup=0,
+                          compile_too=False),
+               bench_arch("resnet18_cifar", batch=2, size=8, precision="fp32", steps=1,
+                          warmup=0, compile_too=False)]
+    for r in results:
+        for name in ("jax_ms", "torch_ms", "jax_compile_s", "jax_infer_ms", "torch_infer_ms",
+                     "jax_peak_mib", "torch_peak_mib"):
+            value = getattr(r, name)
+            assert math.isfinite(value) and value > 0, (r.arch, name, value)
+        assert r.compiled_note == "not run" and math.isnan(r.compiled_ms)
+        assert math.isclose(r.ratio, r.torch_ms / r.jax_ms)
+    table = format_table(results).splitlines()
+    assert len(table) == 4 and table[2].startswith("| lenet5 | 2 | 32 | bf16 |")
+    # The benchmark's TF32 choice is scoped: the suite's "highest" survives it.
+    assert jax.config.jax_default_matmul_precision == precision_before
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["--arch", "lenet5", "--short", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["arch"] == "lenet5" and row["batch"] == 4 and row["jax_ms"] > 0
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["--arch", "resnet5O"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'resnet5O'") and "\n" not in err
+    assert main(["--arch", "lenet5", "--size", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: lenet5 needs inputs of at least 32 pixels, got 8"
