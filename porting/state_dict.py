@@ -219,7 +219,9 @@ def flax_to_torch(model_or_class, flat: Mapping[str, Any]) -> dict[str, np.ndarr
     out = {}
     for path, value in flat.items():
         key, layout = torch_key(path, rules)
-        out[key] = np.ascontiguousarray(layout.to_torch(np.asarray(value)))
+        array = layout.to_torch(np.asarray(value))
+        # Not np.ascontiguousarray: it turns 0-d arrays (num_batches_tracked) into 1-d.
+        out[key] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return out
 
 
