@@ -1,0 +1,70 @@
+"""Orbax checkpoints: round trip, last K + best, fallback past a corrupt step."""
+
+import glob
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import jaxnets
+from train import optim, steps
+from train.checkpoint import CheckpointError, Checkpointer
+
+
+def _state(seed=0):
+    parts, params, stats = steps.split_model(jaxnets.create_model("lenet5", seed=seed))
+    groups = optim.param_groups(list(params), model_or_class=parts.model_class,
+                                lr_mult=[("fc3", 10.0)])
+    tx = optim.make_optimizer(params, groups, name="adamw", lr=1e-3, total_steps=10)
+    return steps.init_state(params, stats, tx, seed)
+
+
+def _equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
+
+
+def test_round_trip_keeps_last_k_and_best(tmp_path):
+    ck = Checkpointer(str(tmp_path / "ck"), keep=2)
+    states = {s: _state(seed=s) for s in (1, 2, 3, 4)}
+    ck.save(1, states[1], {"epoch": 0}, val_top1=0.9)   # the best
+    ck.save(2, states[2], {"epoch": 1}, val_top1=0.5)
+    ck.save(3, states[3], {"epoch": 1})                 # mid-epoch, no metric
+    ck.save(4, states[4], {"epoch": 2}, val_top1=0.7)
+    assert ck.steps() == [1, 3, 4] and ck.best_step() == 1
+    step, state, meta = ck.restore(_state())
+    assert step == 4 and meta == {"epoch": 2} and _equal(state, states[4])
+    assert not _equal(state, states[3])
+    _, best, _ = ck.restore(_state(), step=1)
+    assert _equal(best, states[1])
+    ck.close()
+    # A fresh manager on the same directory sees the same checkpoints.
+    again = Checkpointer(str(tmp_path / "ck"), keep=2)
+    assert again.steps() == [1, 3, 4]
+    assert Checkpointer(str(tmp_path / "empty")).restore(_state()) is None
+
+
+def _corrupt(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+             if os.path.isfile(f) and "/d/" in f]
+    assert files, f"no array data files under {step_dir}"
+    for f in files:
+        with open(f, "wb") as fh:
+            fh.write(b"\x00garbage" * 3)
+
+
+def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path / "ck"), keep=3)
+    good = _state(seed=5)
+    ck.save(10, good, {"epoch": 0})
+    ck.save(20, _state(seed=6), {"epoch": 1})
+    _corrupt(str(tmp_path / "ck" / "20"))
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        step, state, meta = ck.restore(_state())
+    assert step == 10 and meta == {"epoch": 0} and _equal(state, good)
+    assert any("step 20" in r.getMessage() and "unreadable" in r.getMessage()
+               for r in caplog.records)
+    _corrupt(str(tmp_path / "ck" / "10"))
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        ck.restore(_state())

@@ -1,0 +1,336 @@
+"""python -m train.finetune end to end: steps, CLI, resume, interrupts, torch weights.
+
+Sizes are tiny to fit the CI budget: lenet5/mlp on digits for at most 60
+steps. The README's full offline command (resnet18, digits, >= 95%) is not
+run here; the short CLI run asserts a lower bar (> 50% after 60 steps).
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxnets
+from jaxnets.resnet import BasicBlock, ResNet
+from train import finetune, optim, steps
+from train.augment import AugmentConfig
+from train.checkpoint import Checkpointer
+from train.metrics import read_events
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = ["--arch", "lenet5", "--dataset", "digits", "--weights", "none", "--no-progress"]
+
+
+def _restore_any(directory, step=None):
+    """The raw train state saved in a run directory (no template needed)."""
+    import orbax.checkpoint as ocp
+
+    ck = Checkpointer(os.path.join(directory, "checkpoints"))
+    step = step if step is not None else max(ck.steps())
+    state = ocp.StandardCheckpointer().restore(os.path.join(ck.directory, str(step), "state"))
+    return step, state
+
+
+# --------------------------------------------------------------------------
+# Steps.
+
+
+def test_train_step_freezes_bit_exactly_and_compiles_once():
+    model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=5, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    model.eval()
+    logits, feats = steps.forward_with_head_input(model, x, "fc")
+    np.testing.assert_allclose(feats, model.features(x), rtol=1e-6)
+    np.testing.assert_allclose(logits, model(x), rtol=1e-6)
+
+    parts, params, stats = steps.split_model(model, r"^fc\.")
+    aug = AugmentConfig(crop_size=32, resize_size=32)
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8),
+             "label": rng.integers(0, 5, 8).astype(np.int32), "mask": np.ones(8, bool)}
+    frozen_re = [r"^(conv1|bn1)\.", r"^layer1\."]
+    for freeze_bn_stats in (True, False):
+        groups = optim.param_groups(list(params), list(stats), model_or_class=ResNet,
+                                    freeze=frozen_re, freeze_bn_stats=freeze_bn_stats)
+        tx = optim.make_optimizer(params, groups, lr=0.1, total_steps=10)
+        state = steps.init_state(params, stats, tx, seed=0)
+        start = jax.device_get(state)
+        train_step = steps.make_train_step(parts, tx, augment=aug, num_classes=5,
+                                           frozen=groups.frozen, frozen_stats=groups.frozen_stats)
+        for _ in range(3):
+            state, metrics = train_step(state, batch)
+        assert train_step._cache_size() == 1  # no re-compilation after the first batch
+        end = jax.device_get(state)
+        assert int(end["step"]) == 3 and np.isfinite(float(metrics["loss"]))
+        for key, value in end["params"].items():
+            same = np.array_equal(value, start["params"][key])
+            assert same == (key in groups.frozen), key
+        for key, value in end["batch_stats"].items():
+            same = np.array_equal(value, start["batch_stats"][key])
+            frozen_layer = key.startswith(("bn1.", "layer1."))
+            assert same == (frozen_layer and freeze_bn_stats), key
+
+    eval_step = steps.make_eval_step(parts, augment=aug, num_classes=5)
+    for n in (8, 8, 8):
+        out = eval_step(state, batch)
+    assert eval_step._cache_size() == 1 and out["pred"].shape == (8,)
+
+
+def test_every_image_family_has_a_head_for_replacement_and_mmd():
+    # One model per family module (abstract, no arrays): the head regex of
+    # the spec must find the classifier module that MMD and head replacement use.
+    families = {}
+    for name in jaxnets.list_models(kind="image"):
+        families.setdefault(jaxnets.get_spec(name).builder.__module__, name)
+    assert len(families) >= 2
+    for name in families.values():
+        spec = jaxnets.get_spec(name)
+        model = nnx.eval_shape(lambda: jaxnets.create_model(name, num_classes=3))
+        assert steps.head_path(model, spec.head) is not None, name
+
+
+# --------------------------------------------------------------------------
+# CLI: bad input.
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--arch", "resnet1800", "--dataset", "digits", "--weights", "none"], "resnet1800"),
+    (["--arch", "lenet5", "--dataset", "nosuchdata", "--weights", "none"], "nosuchdata"),
+    (["--arch", "lenet5", "--dataset", "digits", "--weights", "/no/such/file.pth"],
+     "/no/such/file.pth"),
+    (["--arch", "lenet5", "--dataset", "digits", "--weights", "none", "--freeze", "layer9"],
+     "layer9"),
+    (["--arch", "lenet5", "--dataset", "digits", "--weights", "none", "--image-size", "16"],
+     "minimum"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    assert finetune.main(args + ["--output-dir", str(tmp_path / "run")]) == 2
+    assert needle in _one_error_line(capsys)
+
+
+def test_bad_flags_and_wrong_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--arch", "lenet5", "--dataset", "digits", "--lr-mult", "fc3"])
+    assert e.value.code == 2 and "REGEX=FACTOR" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--arch", "lenet5", "--dataset", "digits", "--bogus"])
+    assert e.value.code == 2 and "--bogus" in _one_error_line(capsys)
+
+    import torch
+
+    from porting.reference import build_torch_model
+
+    path = str(tmp_path / "lenet.pth")
+    torch.save(build_torch_model("lenet5").state_dict(), path)
+    args = ["--arch", "resnet18", "--dataset", "digits", "--weights", path,
+            "--output-dir", str(tmp_path / "r")]
+    assert finetune.main(args) == 2
+    assert "does not fit resnet18" in _one_error_line(capsys)
+
+    # A run directory of another run is refused, its files untouched.
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"arch": "mlp"}))
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert finetune.main(LENET + ["--output-dir", str(run)]) == 2
+    assert "different run" in _one_error_line(capsys)
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+    assert json.loads((run / "config.json").read_text()) == {"arch": "mlp"}
+
+
+# --------------------------------------------------------------------------
+# CLI: runs.
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "train.finetune", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _steps_saved(run_dir):
+    ck = os.path.join(run_dir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(ck) if d.isdigit()) if os.path.isdir(ck) else []
+
+
+def _wait_for(proc, run_dir, predicate, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate(_steps_saved(run_dir)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the wanted checkpoint: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("timed out waiting for a checkpoint")
+
+
+def test_interrupt_kill_corrupt_resume_matches_uninterrupted_run(tmp_path):
+    common = LENET + ["--steps", "60", "--batch-size", "32", "--checkpoint-every", "8",
+                      "--log-every", "5"]
+    a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
+    run_a = _cli(common + ["--output-dir", a_dir])
+    b_args = common + ["--output-dir", b_dir]
+
+    # 1. Ctrl-C: saves where it is and exits 130.
+    run_b = _cli(b_args)
+    _wait_for(run_b, b_dir, lambda s: 8 in s)
+    run_b.send_signal(signal.SIGINT)
+    out, err = run_b.communicate(timeout=900)
+    assert run_b.returncode == 130, err[-2000:]
+    assert "interrupted: checkpoint saved" in out + err
+    interrupted_at = max(_steps_saved(b_dir))
+    assert 8 <= interrupted_at < 60
+
+    # 2. SIGKILL after two more checkpoints, then corrupt the newest one.
+    run_b = _cli(b_args)
+    _wait_for(run_b, b_dir, lambda s: len([x for x in s if x > interrupted_at]) >= 2)
+    run_b.send_signal(signal.SIGKILL)
+    run_b.communicate(timeout=60)
+    assert run_b.returncode == -signal.SIGKILL
+    saved = _steps_saved(b_dir)
+    assert max(saved) < 60, "the run finished before it was killed"
+    for f in glob.glob(os.path.join(b_dir, "checkpoints", str(max(saved)), "state", "**", "d",
+                                    "*"), recursive=True):
+        with open(f, "wb") as fh:
+            fh.write(b"corrupt")
+
+    # 3. The same command resumes from the previous good checkpoint.
+    run_b = _cli(b_args)
+    out, err = run_b.communicate(timeout=900)
+    assert run_b.returncode == 0, err[-2000:]
+    assert "unreadable" in err and "resuming" in err
+
+    out_a, err_a = run_a.communicate(timeout=900)
+    assert run_a.returncode == 0, err_a[-2000:]
+    step_a, state_a = _restore_any(a_dir, 60)
+    step_b, state_b = _restore_any(b_dir, 60)
+    for key in state_a["params"]:
+        np.testing.assert_allclose(state_b["params"][key], state_a["params"][key], atol=1e-6,
+                                   rtol=1e-6, err_msg=key)
+    for key in state_a["batch_stats"]:
+        np.testing.assert_allclose(state_b["batch_stats"][key], state_a["batch_stats"][key],
+                                   atol=1e-6)
+
+    # What the user gets from a run.
+    assert "val top-1" in out_a and "top-5" in out_a
+    summary = json.load(open(os.path.join(a_dir, "summary.json")))
+    assert summary["val_top1"] > 0.5 and summary["step"] == 60
+    for name in ("curves.png", "confusion.png", "config.json", "predictions.npz"):
+        assert os.path.getsize(os.path.join(a_dir, name)) > 0, name
+    records = [json.loads(line) for line in open(os.path.join(a_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(5, 61, 5))
+    assert any(r["split"] == "val" and "top5" in r for r in records)
+    b_records = [json.loads(line) for line in open(os.path.join(b_dir, "metrics.jsonl"))]
+    train_steps = [r["step"] for r in b_records if r["split"] == "train"]
+    assert train_steps == sorted(train_steps), "resume must drop the lost part's records"
+    (event_file,) = glob.glob(os.path.join(a_dir, "tb", "events.out.tfevents.*"))
+    events = read_events(event_file)
+    assert b"brain.Event:2" in events[0] and any(b"train/loss" in e for e in events)
+    config = json.load(open(os.path.join(a_dir, "config.json")))
+    assert config["image_size"] == 32 and config["lr"] == 0.1 and config["steps"] == 60
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    run_dir = str(tmp_path / "nan")
+    args = LENET + ["--steps", "30", "--checkpoint-every", "10", "--debug-nan-at-step", "15",
+                    "--output-dir", run_dir]
+    assert finetune.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: loss is nan at step 16" in err and "step 10" in err
+    assert _steps_saved(run_dir) == [10]
+    _, state = _restore_any(run_dir)
+    assert all(np.isfinite(v).all() for v in state["params"].values())
+
+
+# --------------------------------------------------------------------------
+# CLI: data sources, MMD, torch weights.
+
+
+def test_tfds_source_with_folder_target_mmd_and_folder_source(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    folder = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (folder / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+                folder / c / f"{i}.png")
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        args = ["--arch", "lenet5", "--dataset", "tfds:mnist", "--weights", "none",
+                "--target-dataset", f"folder:{folder}", "--mmd-weight", "0.5", "--steps", "3",
+                "--batch-size", "8", "--log-every", "1", "--no-progress",
+                "--output-dir", str(tmp_path / "mnist")]
+        assert finetune.main(args) == 0
+    records = [json.loads(line) for line in open(tmp_path / "mnist" / "metrics.jsonl")]
+    mmd = [r["mmd"] for r in records if r["split"] == "train"]
+    assert len(mmd) == 3 and all(np.isfinite(mmd)) and max(mmd) > 0
+    assert finetune.main(["--arch", "mlp", "--dataset", str(folder), "--weights", "none",
+                          "--image-size", "8", "--steps", "4", "--batch-size", "8",
+                          "--no-progress", "--output-dir", str(tmp_path / "folder")]) == 0
+    summary = json.load(open(tmp_path / "folder" / "summary.json"))
+    assert summary["val_count"] == 3  # one held-out image per class
+    capsys.readouterr()
+
+
+def test_torch_trained_lenet_gives_the_same_predictions(tmp_path, capsys):
+    import torch
+    import torch.nn.functional as F
+
+    from porting.reference import build_torch_model
+    from train.data import load_dataset
+
+    def preprocess(images):
+        # The eval transform: Resize(32) + CenterCrop(32) (= resize) + Normalize(0.5, 0.25).
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+        return (x - 0.5) / 0.25
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only contend
+    train = load_dataset("digits", split="train")
+    val = load_dataset("digits", split="val")
+    model = build_torch_model("lenet5")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x_train, y_train = preprocess(train.images), torch.from_numpy(train.labels).long()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(y_train), (64,), generator=gen)
+        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(preprocess(val.images)).argmax(1).numpy()
+    torch.set_num_threads(threads)
+    assert (want == val.labels).mean() > 0.9  # a trained model, so ties are rare
+    path = str(tmp_path / "lenet_digits.pth")
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, path)
+
+    run_dir = tmp_path / "eval"
+    assert finetune.main(["--arch", "lenet5", "--dataset", "digits", "--weights", path,
+                          "--eval-only", "--mean", "0.5", "--std", "0.25", "--no-progress",
+                          "--output-dir", str(run_dir)]) == 0
+    got = np.load(run_dir / "predictions.npz")
+    order = np.argsort(got["index"])
+    np.testing.assert_array_equal(got["index"][order], np.arange(len(val)))
+    np.testing.assert_array_equal(got["pred"][order], want)
+    capsys.readouterr()

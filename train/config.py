@@ -1,0 +1,385 @@
+"""The fine-tuning run's configuration: one frozen dataclass, parsed once.
+
+``parse_args(argv)`` builds a ``Config`` from the command line; fields left
+``None`` mean "auto" and are filled by ``resolve`` from the model spec, the
+weights' transforms and the dataset (the rules are in each flag's help). The
+resolved config is what the run uses and what ``save`` writes to
+``config.json`` beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+from train.optim import parse_lr_mult
+
+__all__ = ["Config", "ConfigError", "build_parser", "parse_args", "resolve", "save", "load",
+           "IDENTITY_FIELDS"]
+
+# A run directory's checkpoints only make sense for a run that agrees on these.
+IDENTITY_FIELDS = ("arch", "weights", "dataset", "target_dataset", "image_size", "batch_size",
+                   "seed", "model_args")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot be used; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a fine-tuning run (see ``build_parser`` for each one's meaning)."""
+
+    arch: str
+    dataset: str
+    weights: str = "DEFAULT"
+    data_dir: str | None = None
+    val_fraction: float | None = None
+    target_dataset: str | None = None
+    mmd_weight: float = 1.0
+    image_size: int | None = None
+    resize_size: int | None = None
+    crop_scale_min: float | None = None
+    hflip: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    epochs: int = 10
+    steps: int | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None
+    freeze: tuple[str, ...] = ()
+    lr_mult: tuple[tuple[str, float], ...] = ()
+    freeze_bn_stats: bool = True
+    model_args: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    output_dir: str | None = None
+    checkpoint_every: int = 500
+    keep: int = 2
+    eval_only: bool = False
+    log_every: int = 10
+    num_workers: int = 4
+    progress: bool = True
+    debug_nan_at_step: int | None = None
+
+    def to_json(self) -> str:
+        """The config as indented JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex: {e}") from None
+    return text
+
+
+def _lr_mult(text: str) -> tuple[str, float]:
+    try:
+        return parse_lr_mult(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = {"true": True, "false": False}.get(value.lower(), value)
+    return key, parsed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, as every other bad-input path of the CLI.
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser; ``--help`` documents every option."""
+    p = _Parser(
+        prog="python -m train.finetune",
+        description="Fine-tune (or train from scratch) a jaxnets image classifier. Rerunning the "
+                    "same command resumes from the run's last checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", required=True, help="registered model name (jaxnets.list_models())")
+    g.add_argument("--weights", default="DEFAULT",
+                   help="'DEFAULT' or a torchvision weights name (pretrained, via porting."
+                        "pretrained), a .pth/.pt/.safetensors PATH (torch state_dict), or 'none' "
+                        "(random init). The head is replaced when the class count differs.")
+    g.add_argument("--dataset", required=True,
+                   help="'digits', 'tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]', 'folder:PATH' or a PATH "
+                        "(see train/data.py)")
+    g.add_argument("--data-dir", default=None, help="TFDS data directory")
+    g.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="held-out fraction where a val split is carved (auto: 0.2 digits, 0.1 "
+                        "otherwise)")
+    g.add_argument("--target-dataset", default=None,
+                   help="unlabelled target-domain dataset (same spec syntax): adds "
+                        "mmd_weight * MMD^2 between source and target head-input features")
+    g.add_argument("--mmd-weight", type=_nonneg_float, default=1.0,
+                   help="lambda of the MMD^2 term (with --target-dataset)")
+    g.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg,
+                   default=[], metavar="KEY=VALUE",
+                   help="constructor option of the architecture, repeatable "
+                        "(e.g. zero_init_residual=True)")
+
+    g = p.add_argument_group("input pipeline")
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="crop size fed to the model (auto: the weights' crop size; without "
+                        "weights 4x the dataset's native size clamped to the model's "
+                        "[min_size, input_size])")
+    g.add_argument("--resize-size", type=_positive_int, default=None,
+                   help="eval resize before the center crop (auto: the weights' ratio, else "
+                        "image size)")
+    g.add_argument("--crop-scale-min", type=_fraction, default=None,
+                   help="smallest RandomResizedCrop area fraction (auto: 0.08 for pretrained "
+                        "weights, 0.35 otherwise)")
+    g.add_argument("--hflip", type=_fraction, default=None,
+                   help="horizontal flip probability (auto: 0 for digits, 0.5 otherwise)")
+    g.add_argument("--mean", type=_floats, default=None,
+                   help="normalisation mean per channel (auto: the weights', else ImageNet's)")
+    g.add_argument("--std", type=_floats, default=None, help="normalisation std per channel")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=None,
+                   help="resize interpolation (auto: the weights', else bilinear)")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="global train batch")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None,
+                   help="eval batch (auto: batch size)")
+    g.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_nonneg_int, default=10,
+                   help="training epochs (0 with a checkpoint = evaluate only)")
+    g.add_argument("--steps", type=_nonneg_int, default=None,
+                   help="total train steps, overriding --epochs")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="SGD with torch semantics, or AdamW")
+    g.add_argument("--lr", type=_nonneg_float, default=None,
+                   help="peak learning rate (auto: sgd 0.1 from scratch / 0.01 pretrained, "
+                        "adamw 1e-3 / 1e-4)")
+    g.add_argument("--momentum", type=_fraction, default=0.9, help="SGD momentum (0 = plain SGD)")
+    g.add_argument("--nesterov", action="store_true", help="SGD Nesterov momentum")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+                   help="weight decay, never on biases and norm parameters (auto: sgd 5e-4, "
+                        "adamw 0.05)")
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=None,
+                   help="linear warmup steps (auto: one epoch, at most 10%% of the run)")
+    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning-rate shape after warmup")
+    g.add_argument("--label-smoothing", type=_fraction, default=0.0, help="label smoothing")
+    g.add_argument("--clip-grad-norm", type=_nonneg_float, default=None,
+                   help="clip the trainable gradients' global norm")
+    g.add_argument("--freeze", action="append", type=_regex, default=[], metavar="REGEX",
+                   help="freeze parameters whose torch key (layer1.0.conv1.weight) or flax path "
+                        "(layer1.0.conv1.kernel) matches (re.search); repeatable")
+    g.add_argument("--lr-mult", action="append", type=_lr_mult, default=[],
+                   metavar="REGEX=FACTOR",
+                   help="scale the learning rate of matching parameters (first match wins; "
+                        "others x1); repeatable, e.g. --lr-mult layer4=0.1 --lr-mult fc=1.0")
+    g.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the BatchNorm running statistics of frozen layers fixed (off: "
+                        "torch's requires_grad=False behaviour, statistics still update)")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default=None,
+                   help="run directory: config, checkpoints, metrics, plots (auto: "
+                        "runs/ARCH-DATASET)")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=500,
+                   help="save every N steps (0: epoch ends only); also at each epoch end")
+    g.add_argument("--keep", type=_positive_int, default=2,
+                   help="latest checkpoints kept (the best by val top-1 is kept too)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate the weights (or the run's checkpoint) on the val split; no "
+                        "training")
+    g.add_argument("--log-every", type=_positive_int, default=10,
+                   help="train metrics logged every N steps")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a progress bar")
+    g.add_argument("--debug-nan-at-step", type=_nonneg_int, default=None, metavar="N",
+                   help="debugging: make one parameter NaN before step N, to exercise the "
+                        "non-finite-loss stop")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Parses the command line into an unresolved ``Config``.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The config; ``None`` fields are resolved later by ``resolve``.
+    """
+    ns = build_parser().parse_args(argv)
+    values = vars(ns)
+    values["freeze"] = tuple(values["freeze"])
+    values["lr_mult"] = tuple(values["lr_mult"])
+    values["model_args"] = tuple(values["model_args"])
+    return Config(**values)
+
+
+def resolve(
+    cfg: Config,
+    *,
+    spec,
+    native_size: int,
+    transforms=None,
+    steps_per_epoch: int,
+) -> Config:
+    """Fills every auto (``None``) field.
+
+    Args:
+        cfg: The parsed config.
+        spec: The model's ``jaxnets.ModelSpec``.
+        native_size: Side of the dataset's stored images.
+        transforms: The weights' transforms (``resize_size``, ``crop_size``,
+            ``interpolation``, ``mean``, ``std``) or None without weights.
+        steps_per_epoch: Train steps per epoch.
+
+    Returns:
+        The resolved config.
+
+    Raises:
+        ConfigError: Inconsistent values (e.g. mean of the wrong length).
+    """
+    pretrained = transforms is not None
+    channels = spec.in_channels
+    lo, hi = spec.min_size[0], spec.input_size[0]
+    if spec.kind == "vector":
+        # A vector model takes the flattened image: any size, default its input length.
+        lo, hi = 1, math.isqrt(spec.input_size[0] // channels)
+    image_size = cfg.image_size
+    if image_size is None:
+        image_size = (int(transforms.crop_size) if pretrained
+                      else min(max(4 * native_size, lo), hi))
+    resize_size = cfg.resize_size
+    if resize_size is None:
+        resize_size = (round(image_size * transforms.resize_size / transforms.crop_size)
+                       if pretrained else image_size)
+    if cfg.mean is not None or cfg.std is not None:
+        mean, std = cfg.mean, cfg.std
+    elif pretrained:
+        mean, std = tuple(transforms.mean), tuple(transforms.std)
+    else:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if mean is not None and std is not None and len(mean) == 3 and channels == 1:
+        # A 1-channel model sees luma; ImageNet's per-channel stats average to it.
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    if mean is None or std is None or len(mean) != channels or len(std) != channels:
+        raise ConfigError(f"--mean/--std need {channels} values each for {spec.name}")
+    if image_size < lo:
+        raise ConfigError(f"--image-size {image_size} is below {spec.name}'s minimum {lo}")
+    steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps
+    if warmup is None:
+        warmup = min(steps_per_epoch, steps // 10)
+    lr = cfg.lr
+    if lr is None:
+        lr = {("sgd", False): 0.1, ("sgd", True): 0.01,
+              ("adamw", False): 1e-3, ("adamw", True): 1e-4}[cfg.optimizer, pretrained]
+    wd = cfg.weight_decay
+    if wd is None:
+        wd = 5e-4 if cfg.optimizer == "sgd" else 0.05
+    output_dir = cfg.output_dir
+    if output_dir is None:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.dataset.strip("/")).strip("_")
+        output_dir = os.path.join("runs", f"{cfg.arch}-{slug}")
+    return dataclasses.replace(
+        cfg,
+        image_size=image_size,
+        resize_size=resize_size,
+        crop_scale_min=cfg.crop_scale_min if cfg.crop_scale_min is not None
+        else (0.08 if pretrained else 0.35),
+        hflip=cfg.hflip if cfg.hflip is not None else (0.0 if cfg.dataset == "digits" else 0.5),
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=cfg.interpolation or _interpolation(transforms),
+        eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        steps=steps,
+        lr=lr,
+        weight_decay=wd,
+        warmup_steps=warmup,
+        output_dir=output_dir,
+    )
+
+
+def _interpolation(transforms) -> str:
+    # Weights may name it as an enum (InterpolationMode.BICUBIC) or a string.
+    name = str(getattr(transforms, "interpolation", "bilinear")).lower().rsplit(".", 1)[-1]
+    return name if name in ("bilinear", "bicubic") else "bilinear"
+
+
+def save(cfg: Config, path: str) -> None:
+    """Writes the config as JSON (atomically: temp file + rename).
+
+    Args:
+        cfg: The resolved config.
+        path: Target file.
+    """
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg.to_json() + "\n")
+    os.replace(tmp, path)
+
+
+def load(path: str) -> dict[str, Any]:
+    """Reads a saved config as a plain dict (JSON lists where tuples were)."""
+    with open(path) as f:
+        return json.load(f)

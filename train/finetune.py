@@ -1,0 +1,535 @@
+"""Fine-tune (or train from scratch) a jaxnets image classifier.
+
+    python -m train.finetune --arch resnet18 --dataset digits --weights none
+    python -m train.finetune --arch resnet50 --weights DEFAULT --dataset tfds:cifar10 \\
+        --freeze '^(conv1|bn1|layer1)\\.' --lr-mult layer4=0.1
+
+The run directory (``--output-dir``, default ``runs/ARCH-DATASET``) receives
+``config.json`` (the resolved config), ``checkpoints/`` (Orbax), ``metrics.jsonl``,
+TensorBoard events in ``tb/``, and at the end ``curves.png``,
+``confusion.png``, ``predictions.npz`` and ``summary.json``. Rerunning the
+same command resumes from the last checkpoint (same data position, RNG and
+optimizer state, so it ends where an uninterrupted run ends).
+
+Exit status: 0 done; 2 bad input (one ``error: ...`` line on stderr, nothing
+written before is touched); 1 non-finite loss (the last good checkpoint is
+kept); 130 interrupted by Ctrl-C (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("train.finetune")
+
+EXIT_BAD_INPUT = 2
+EXIT_NAN = 1
+EXIT_INTERRUPTED = 130
+
+
+class RunError(Exception):
+    """A problem with the user's input; reported as one ``error:`` line, exit 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------
+# Building the pieces.
+
+
+def _is_path(weights: str) -> bool:
+    return (os.sep in weights or weights.startswith((".", "~"))
+            or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or os.path.exists(weights))
+
+
+def _load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise RunError(f"--weights {path}: no such file")
+    if path.endswith(".safetensors") or os.path.isdir(path):
+        from porting.safetensors_io import load_safetensors
+
+        return load_safetensors(path), []
+    from porting.pth import load_state_dict_file
+
+    loaded = load_state_dict_file(path)
+    return loaded.state_dict, loaded.notes
+
+
+def load_checkpoint_into(model, spec, state_dict: dict[str, np.ndarray], what: str) -> str:
+    """Loads a torch state_dict strictly, replacing the head if only it differs.
+
+    Args:
+        model: Freshly built model with the dataset's class count.
+        spec: Its ``ModelSpec``.
+        state_dict: torch key -> array.
+        what: The checkpoint's name for messages.
+
+    Returns:
+        A one-line report of the load.
+
+    Raises:
+        RunError: The state_dict does not fit the architecture.
+    """
+    from porting import PortingError, load_torch_state_dict
+
+    try:
+        return str(load_torch_state_dict(model, state_dict, strict=True))
+    except PortingError as first:
+        try:
+            report = load_torch_state_dict(model, state_dict, strict=True, ignore=(spec.head,))
+        except PortingError:
+            raise RunError(f"{what} does not fit {spec.name}: "
+                           + " ".join(str(first).split("\n")[:2])[:400]) from None
+        return f"{report} (head {spec.head!r} replaced: class count differs)"
+
+
+def _pretrained(cfg, spec, num_classes: int):
+    """(weights metadata, model builder) for a named torchvision weights entry."""
+    try:
+        from porting import pretrained, weights as weights_lib
+    except ImportError as e:
+        raise RunError(f"--weights {cfg.weights}: pretrained weights need porting.pretrained "
+                       f"({e}); use --weights none or a PATH") from None
+    try:
+        meta = weights_lib.get_weights(cfg.weights if "." in cfg.weights
+                                       else f"{spec.name}.{cfg.weights}")
+    except Exception as e:  # noqa: BLE001 -- any lookup failure is the user's spec.
+        raise RunError(f"--weights {cfg.weights} for {spec.name}: {str(e).splitlines()[0]}") from None
+
+    def build(overrides):
+        try:
+            model, report = pretrained.load_torchvision(
+                spec.name, cfg.weights, num_classes=num_classes, seed=cfg.seed,
+                progress=cfg.progress, **overrides)
+        except Exception as e:  # noqa: BLE001 -- missing file, no network, bad checkpoint.
+            raise RunError(f"--weights {cfg.weights}: {str(e).splitlines()[0]}") from None
+        return model, str(report)
+
+    return meta, build
+
+
+def build_model(cfg, spec, num_classes: int, build_pretrained=None):
+    """Creates the model as ``--weights`` says.
+
+    Args:
+        cfg: Resolved config.
+        spec: The model's spec.
+        num_classes: The dataset's class count.
+        build_pretrained: From ``_pretrained`` for named weights.
+
+    Returns:
+        (model, one-line load report).
+    """
+    import jaxnets
+
+    overrides = dict(cfg.model_args)
+    if spec.kind == "vector":
+        overrides.setdefault("in_features", cfg.image_size ** 2 * spec.in_channels)
+    if build_pretrained is not None:
+        return build_pretrained(overrides)
+    try:
+        model = jaxnets.create_model(cfg.arch, num_classes=num_classes, seed=cfg.seed, **overrides)
+    except TypeError as e:
+        raise RunError(f"--model-arg: {e}") from None
+    if cfg.weights.lower() == "none":
+        return model, "random init (--weights none)"
+    state_dict, notes = _load_state_dict(cfg.weights)
+    report = load_checkpoint_into(model, spec, state_dict, cfg.weights)
+    return model, "; ".join([report] + notes)
+
+
+def augment_config(cfg, spec, train: bool):
+    """The ``AugmentConfig`` of a resolved config."""
+    from train.augment import AugmentConfig
+
+    return AugmentConfig(
+        crop_size=cfg.image_size,
+        resize_size=cfg.resize_size,
+        scale=(cfg.crop_scale_min, 1.0),
+        flip_prob=cfg.hflip,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        channels=spec.in_channels,
+        interpolation=cfg.interpolation,
+    )
+
+
+# --------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(eval_step, state, source, batch_size: int, num_workers: int, desc: str = "eval",
+             progress: bool = True) -> dict[str, Any]:
+    """Runs the eval step over a whole split.
+
+    Args:
+        eval_step: From ``train.steps.make_eval_step``.
+        state: Train state.
+        source: The split's ``Source``.
+        batch_size: Eval batch (the last batch is padded and masked).
+        num_workers: Decoding threads.
+        desc: Progress bar label.
+        progress: Show the bar.
+
+    Returns:
+        ``top1``, ``top5``, ``loss`` (means), ``count``, and per-example
+        ``labels``, ``preds``, ``top5_hit``, ``losses``, ``indices``, ``logits``.
+    """
+    import jax
+    from tqdm import tqdm
+
+    from train.data import Loader
+
+    loader = Loader(source, batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    num_workers=num_workers)
+    out = {k: [] for k in ("labels", "preds", "top5_hit", "losses", "indices", "logits")}
+    with tqdm(total=loader.steps_per_epoch, desc=desc, leave=False, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for batch in loader:
+            res = jax.device_get(eval_step(state, {k: batch[k] for k in ("image", "label",
+                                                                          "mask")}))
+            m = batch["mask"]
+            out["labels"].append(batch["label"][m])
+            out["preds"].append(np.asarray(res["pred"])[m])
+            out["top5_hit"].append(np.asarray(res["top5"])[m])
+            out["losses"].append(np.asarray(res["loss"])[m])
+            out["indices"].append(batch["index"][m])
+            out["logits"].append(np.asarray(res["logits"])[m])
+            bar.update(1)
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    n = max(len(arrays["labels"]), 1)
+    return {
+        "top1": float(np.sum(arrays["preds"] == arrays["labels"]) / n),
+        "top5": float(np.sum(arrays["top5_hit"]) / n),
+        "loss": float(np.mean(arrays["losses"])) if len(arrays["losses"]) else float("nan"),
+        "count": int(len(arrays["labels"])),
+        **arrays,
+    }
+
+
+def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds: float) -> str:
+    from train import metrics as metrics_lib
+
+    cm = metrics_lib.confusion_matrix(result["labels"], result["preds"], source.num_classes)
+    metrics_lib.plot_confusion(cm, source.class_names, os.path.join(run_dir, "confusion.png"))
+    if metrics_log is not None:
+        metrics_lib.plot_curves(metrics_log.records(), os.path.join(run_dir, "curves.png"))
+    np.savez(os.path.join(run_dir, "predictions.npz"), index=result["indices"],
+             label=result["labels"], pred=result["preds"], logits=result["logits"])
+    summary = {"step": step, "val_top1": result["top1"], "val_top5": result["top5"],
+               "val_loss": result["loss"], "val_count": result["count"],
+               "seconds": round(seconds, 1)}
+    tmp = os.path.join(run_dir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "summary.json"))
+    return (f"val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+            f"loss {result['loss']:.4f}  ({result['count']} images, step {step}, "
+            f"{seconds:.0f}s)  -> {run_dir}")
+
+
+# --------------------------------------------------------------------------
+# The run.
+
+
+def _check_identity(run_dir: str, cfg) -> None:
+    """Refuses to resume a run directory made by a different run."""
+    from train import config as config_lib
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    saved = config_lib.load(path)
+    current = json.loads(cfg.to_json())
+    diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
+            for k in config_lib.IDENTITY_FIELDS if saved.get(k) != current[k]]
+    if diff:
+        raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
+                       "--output-dir")
+
+
+class _Interrupt:
+    """Turns the first SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:  # a second Ctrl-C means now
+                raise KeyboardInterrupt
+            self.requested = True
+        self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def run(cfg) -> int:
+    """Runs training and/or evaluation for a parsed config.
+
+    Args:
+        cfg: From ``train.config.parse_args``.
+
+    Returns:
+        The exit status.
+
+    Raises:
+        RunError: Bad input, reported by ``main``.
+    """
+    import jax
+    from tqdm import tqdm
+
+    import jaxnets
+    from train import checkpoint as ckpt_lib
+    from train import config as config_lib
+    from train import optim, steps as steps_lib
+    from train.data import Loader, load_dataset
+    from train.metrics import MetricsLog
+
+    started = time.time()
+    spec = jaxnets.get_spec(cfg.arch)
+    if spec.kind not in ("image", "vector"):
+        raise RunError(f"--arch {cfg.arch} is a {spec.kind} model; finetune trains image "
+                       "classifiers")
+    pcount, pindex = jax.process_count(), jax.process_index()
+    load = dict(data_dir=cfg.data_dir, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    train_src = load_dataset(cfg.dataset, split="train", **load)
+    val_src = load_dataset(cfg.dataset, split="val", **load)
+    num_classes = train_src.num_classes
+    native = int(np.asarray(train_src[0][0]).shape[0])
+
+    weights_meta, build_pretrained = None, None
+    if cfg.weights.lower() != "none" and not _is_path(cfg.weights):
+        weights_meta, build_pretrained = _pretrained(cfg, spec, num_classes)
+    train_loader = Loader(train_src, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                          drop_remainder=True, process_index=pindex, process_count=pcount,
+                          num_workers=cfg.num_workers)
+    cfg = config_lib.resolve(cfg, spec=spec, native_size=native,
+                             transforms=getattr(weights_meta, "transforms", weights_meta),
+                             steps_per_epoch=train_loader.steps_per_epoch)
+    run_dir = cfg.output_dir
+    _check_identity(run_dir, cfg)
+
+    model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
+    parts, params, stats = steps_lib.split_model(model, spec.head)
+    del model
+    x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
+    try:
+        jax.eval_shape(lambda p, s, x: steps_lib.merge_model(parts, p, s, train=False)(x),
+                       params, stats, x)
+    except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+        raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}: "
+                       f"{str(e).splitlines()[0][:300]}") from None
+    try:
+        groups = optim.param_groups(list(params), list(stats), model_or_class=parts.model_class,
+                                    freeze=cfg.freeze, lr_mult=cfg.lr_mult,
+                                    freeze_bn_stats=cfg.freeze_bn_stats)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    tx = optim.make_optimizer(params, groups, name=cfg.optimizer, lr=cfg.lr,
+                              total_steps=max(cfg.steps, 1), warmup_steps=cfg.warmup_steps,
+                              schedule=cfg.schedule, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                              clip_norm=cfg.clip_grad_norm)
+    state = steps_lib.init_state(params, stats, tx, cfg.seed)
+    del params, stats
+
+    os.makedirs(run_dir, exist_ok=True)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
+    try:
+        restored = checkpointer.restore(state)
+    except ckpt_lib.CheckpointError as e:
+        raise RunError(str(e)) from None
+    start_step = 0
+    if restored is not None:
+        start_step, state, _ = restored
+        print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
+    config_lib.save(cfg, os.path.join(run_dir, "config.json"))
+    print(f"{cfg.arch}: {load_report}; {groups.summary()}; {len(train_src)} train / "
+          f"{len(val_src)} val images, {num_classes} classes, {cfg.image_size}px", file=sys.stderr)
+
+    aug = augment_config(cfg, spec, train=True)
+    eval_step = steps_lib.make_eval_step(parts, augment=aug, num_classes=num_classes)
+    eval_bs = cfg.eval_batch_size
+
+    if cfg.eval_only or cfg.steps == 0:
+        result = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
+                          progress=cfg.progress)
+        print(_finish(run_dir, result, val_src, None, start_step, time.time() - started))
+        checkpointer.close()
+        return 0
+
+    mmd = bool(cfg.target_dataset) and cfg.mmd_weight > 0
+    target_loader = None
+    if mmd:
+        target_src = load_dataset(cfg.target_dataset, split="train", **load)
+        target_loader = Loader(target_src, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
+                               drop_remainder=True, process_index=pindex, process_count=pcount,
+                               start_step=start_step, num_workers=cfg.num_workers)
+    train_step = steps_lib.make_train_step(
+        parts, tx, augment=aug, num_classes=num_classes, frozen=groups.frozen,
+        frozen_stats=groups.frozen_stats, label_smoothing=cfg.label_smoothing,
+        mmd_weight=cfg.mmd_weight if mmd else 0.0)
+
+    metrics_log = MetricsLog(run_dir, resume_step=start_step if restored else None)
+    spe = train_loader.steps_per_epoch
+    train_loader.start_step = start_step
+    total = cfg.steps
+    meta = lambda step: {"step": step, "epoch": step // spe, "arch": cfg.arch,  # noqa: E731
+                         "dataset": cfg.dataset}
+    last_saved = start_step if restored else None
+    status, last_eval = 0, None
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
+    t_window, images_window = time.time(), 0
+    step = start_step
+    it = iter(train_loader)
+    target_it = iter(target_loader) if target_loader is not None else None
+    bar = tqdm(total=total, initial=start_step, desc=f"{cfg.arch} train", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        with _Interrupt() as interrupt:
+            while step < total:
+                batch = next(it)
+                batch = {k: batch[k] for k in ("image", "label", "mask")}
+                if target_it is not None:
+                    batch["target_image"] = next(target_it)["image"]
+                if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
+                    state = _poison(state)
+                state, m = train_step(state, batch)
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"loss is {loss} at step {step + 1}")
+                step += 1
+                bar.update(1)
+                window["loss"] += loss
+                window["correct"] += float(m["correct"])
+                window["count"] += float(m["count"])
+                window["n"] += 1
+                images_window += len(batch["label"]) * pcount
+                if step % cfg.log_every == 0 or step == total:
+                    speed = images_window / max(time.time() - t_window, 1e-9)
+                    row = {"loss": window["loss"] / window["n"],
+                           "top1": window["correct"] / max(window["count"], 1),
+                           "images_per_s": speed, "mmd": float(m["mmd"]),
+                           "grad_norm": float(m["grad_norm"])}
+                    metrics_log.log("train", step, **row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{100 * row['top1']:.1f}%",
+                                    img_s=f"{speed:.0f}")
+                    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
+                    t_window, images_window = time.time(), 0
+                epoch_end = step % spe == 0 or step == total
+                if epoch_end:
+                    res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
+                                   progress=cfg.progress)
+                    metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
+                                    top5=res["top5"], epoch=math.ceil(step / spe))
+                    bar.write(f"epoch {math.ceil(step / spe)} step {step}: val top-1 "
+                              f"{100 * res['top1']:.2f}% top-5 {100 * res['top5']:.2f}% "
+                              f"loss {res['loss']:.4f}")
+                    checkpointer.save(step, state, meta(step), val_top1=res["top1"])
+                    last_eval = (step, res)
+                    last_saved = step
+                    t_window, images_window = time.time(), 0
+                elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpointer.save(step, state, meta(step))
+                    last_saved = step
+                if interrupt.requested:
+                    checkpointer.save(step, state, meta(step))
+                    bar.write(f"interrupted: checkpoint saved at step {step} in {run_dir}; "
+                              "rerun the same command to resume")
+                    status = EXIT_INTERRUPTED
+                    break
+    except NonFiniteLoss as e:
+        bar.close()
+        where = (f"the last good checkpoint (step {last_saved}) is kept"
+                 if last_saved is not None else "no checkpoint was written")
+        print(f"error: {e}; stopping ({where} in {run_dir}). Lower --lr or set "
+              "--clip-grad-norm.", file=sys.stderr)
+        metrics_log.close()
+        checkpointer.close()
+        return EXIT_NAN
+    finally:
+        bar.close()
+        it.close()
+        if target_it is not None:
+            target_it.close()
+    if status == 0:
+        result = last_eval if last_eval is not None and last_eval[0] == step else None
+        result = result[1] if result else evaluate(
+            eval_step, state, val_src, eval_bs, cfg.num_workers, progress=cfg.progress)
+        print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started))
+    metrics_log.close()
+    checkpointer.close()
+    return status
+
+
+def _poison(state):
+    """Debug hook (--debug-nan-at-step): makes one parameter NaN."""
+    import jax.numpy as jnp
+
+    params = dict(state["params"])
+    key = next(iter(params))
+    params[key] = params[key] * jnp.nan
+    return {**state, "params": params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI entry point.
+
+    Args:
+        argv: Arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The exit status.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+    from train import config as config_lib
+
+    cfg = config_lib.parse_args(argv)
+    user_errors = _user_errors()
+    try:
+        return run(cfg)
+    except user_errors as e:
+        message = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import jaxnets
+    from porting.pth import PthError
+    from porting.state_dict import PortingError
+    from train.config import ConfigError
+    from train.data import DataError
+
+    errors: list[type[BaseException]] = [RunError, ConfigError, DataError, PthError, PortingError,
+                                         jaxnets.UnknownModelError]
+    try:
+        from porting.safetensors_io import SafetensorsFileError
+
+        errors.append(SafetensorsFileError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
