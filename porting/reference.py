@@ -89,3 +89,8 @@ def build_torch_model(name: str, num_classes: int | None = None, **overrides: An
         return torchvision.models.get_model(name, weights=None, **kwargs)
     module, _, fn = spec.torch_reference.partition(":")
     return getattr(importlib.import_module(module), fn)(**kwargs)
+
+
+def transformer(**kw) -> nn.Module:
+    """``torch.nn.Transformer`` with the given options (torch's defaults otherwise)."""
+    return nn.Transformer(**kw)

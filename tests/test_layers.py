@@ -1,0 +1,223 @@
+"""jaxnets.layers against torch: pooling, BatchNorm and Sequential.
+
+Each pooling test runs a seeded loop over ~50 random configurations (plus the
+corner cases named in PORTING_PITFALLS.md) in one test, comparing the forward
+pass and the gradient of a random linear loss with torch's on small arrays.
+Inputs are distinct values (a random permutation) so the max-pool gradient is
+not decided by tie-breaking, which is implementation-defined.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from jaxnets.layers import (BatchNorm, Sequential, adaptive_avg_pool2d, avg_pool2d, conv2d,
+                            max_pool2d)
+from porting.state_dict import flax_variables, load_torch_state_dict, to_torch_state_dict
+
+
+def _distinct_input(rng, n, h, w, c):
+    # Distinct values, so every max is unique.
+    x = rng.permutation(n * h * w * c).astype(np.float32).reshape(n, h, w, c)
+    return x / x.size - 0.5
+
+
+def _nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _compare(jax_fn, torch_fn, x, rng, *, tol, what):
+    """Forward and gradient (of sum(y * r)) of jax_fn on NHWC vs torch_fn on NCHW.
+
+    Errors are bounded by ``tol * max(1, |torch value|)``.
+    """
+    xt = _nchw(x).requires_grad_(True)
+    yt = torch_fn(xt)
+    want_y = yt.detach().permute(0, 2, 3, 1).numpy()
+    r = rng.standard_normal(want_y.shape).astype(np.float32)
+    (yt * _nchw(r)).sum().backward()
+
+    @jax.jit  # one compile per configuration instead of one per eager op
+    def forward_backward(v, cotangent):
+        y, vjp = jax.vjp(jax_fn, v)
+        return y, vjp(cotangent)[0]
+
+    y, gx = forward_backward(jnp.asarray(x), jnp.asarray(r))
+    assert y.shape == want_y.shape, f"{what}: shape {y.shape} vs {want_y.shape}"
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=tol, atol=tol, err_msg=what)
+    np.testing.assert_allclose(np.asarray(gx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=tol,
+                               atol=tol, err_msg=f"{what} (gradient)")
+
+
+def _pool_configs(rng, n):
+    """Random valid pooling configs plus the named corner cases."""
+    named = [
+        # (h, w, kernel, stride, padding, ceil_mode)
+        ((7, 7), (3, 3), (2, 2), (0, 0), True),    # ceil adds a partial last window
+        ((7, 7), (3, 3), (2, 2), (0, 0), False),
+        ((5, 5), (2, 2), (2, 2), (1, 1), True),    # torch drops the window starting in the pad
+        ((6, 9), (3, 3), (2, 2), (1, 1), True),
+        ((112, 112), (3, 3), (2, 2), (0, 0), True),  # GoogLeNet maxpool1 at 224
+        ((113, 115), (3, 3), (2, 2), (0, 0), True),  # ... at an odd size
+        ((14, 14), (3, 3), (1, 1), (1, 1), True),    # GoogLeNet branch4
+        ((1, 1), (1, 1), (1, 1), (0, 0), False),
+        ((4, 11), (2, 3), (1, 2), (1, 0), True),
+    ]
+    configs = list(named)
+    while len(configs) < n + len(named):
+        k = tuple(int(v) for v in rng.integers(1, 5, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        p = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in k)
+        hw = tuple(int(v) for v in rng.integers(1, 20, 2))
+        if any(hh + 2 * pp < kk for hh, pp, kk in zip(hw, p, k)):
+            continue  # torch rejects an output size of 0
+        configs.append((hw, k, s, p, bool(rng.integers(0, 2))))
+    return configs
+
+
+def test_max_pool2d_matches_torch():
+    rng = np.random.default_rng(0)
+    for hw, k, s, p, ceil in _pool_configs(rng, 41):
+        x = _distinct_input(rng, int(rng.integers(1, 3)), *hw, int(rng.integers(1, 4)))
+        _compare(lambda v: max_pool2d(v, k, s, p, ceil_mode=ceil),
+                 lambda t: F.max_pool2d(t, k, s, p, ceil_mode=ceil),
+                 x, rng, tol=0, what=f"max_pool2d {hw} k={k} s={s} p={p} ceil={ceil}")
+
+
+def test_max_pool2d_stride_defaults_to_kernel():
+    x = _distinct_input(np.random.default_rng(1), 1, 9, 9, 2)
+    np.testing.assert_array_equal(np.asarray(max_pool2d(jnp.asarray(x), 3)),
+                                  np.asarray(max_pool2d(jnp.asarray(x), 3, 3)))
+
+
+def test_avg_pool2d_matches_torch():
+    rng = np.random.default_rng(1)
+    for i, (hw, k, s, p, ceil) in enumerate(_pool_configs(rng, 40)):
+        # Named corner cases both ways, random ones either way.
+        for include in (True, False) if i < 9 else (bool(rng.integers(0, 2)),):
+            x = rng.standard_normal((int(rng.integers(1, 3)), *hw, 2)).astype(np.float32)
+            _compare(lambda v: avg_pool2d(v, k, s, p, ceil_mode=ceil, count_include_pad=include),
+                     lambda t: F.avg_pool2d(t, k, s, p, ceil_mode=ceil,
+                                            count_include_pad=include),
+                     x, rng, tol=1e-6,
+                     what=f"avg_pool2d {hw} k={k} s={s} p={p} ceil={ceil} include={include}")
+
+
+def test_inception_avg_pool_counts_padding():
+    # Inception v3's F.avg_pool2d(x, 3, 1, 1): a corner output averages 4 values over 9.
+    x = jnp.ones((1, 5, 5, 1))
+    y = np.asarray(avg_pool2d(x, 3, 1, 1))
+    assert y[0, 0, 0, 0] == pytest.approx(4 / 9) and y[0, 2, 2, 0] == pytest.approx(1.0)
+
+
+def test_adaptive_avg_pool2d_matches_torch():
+    rng = np.random.default_rng(2)
+    named = [((10, 10), (3, 3)), ((13, 13), (6, 6)), ((7, 7), (7, 7)), ((5, 5), (7, 7)),
+             ((1, 1), (7, 7)), ((14, 14), (7, 7)), ((12, 8), (4, 2)), ((6, 5), (6, 6)),
+             ((5, 6), (6, 6)), ((9, 4), (1, 1)), ((13, 17), (4, 4)), ((3, 2), (5, 5))]
+    configs = named + [(tuple(int(v) for v in rng.integers(1, 25, 2)),
+                        tuple(int(v) for v in rng.integers(1, 9, 2))) for _ in range(38)]
+    for hw, out in configs:
+        x = rng.standard_normal((int(rng.integers(1, 3)), *hw, 3)).astype(np.float32)
+        _compare(lambda v: adaptive_avg_pool2d(v, out),
+                 lambda t: F.adaptive_avg_pool2d(t, out),
+                 x, rng, tol=1e-6, what=f"adaptive_avg_pool2d {hw}->{out}")
+    # An int output size means square, as in torch.
+    x = rng.standard_normal((1, 10, 10, 1)).astype(np.float32)
+    assert adaptive_avg_pool2d(jnp.asarray(x), 3).shape == (1, 3, 3, 1)
+
+
+@pytest.mark.parametrize("momentum,eps,affine", [(0.1, 1e-5, True), (0.3, 1e-3, True),
+                                                 (0.1, 1e-5, False)])
+def test_batchnorm_matches_torch_over_steps(momentum, eps, affine):
+    rng = np.random.default_rng(3)
+    c = 5
+    tbn = torch.nn.BatchNorm2d(c, eps=eps, momentum=momentum, affine=affine)
+    with torch.no_grad():
+        if affine:
+            tbn.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
+            tbn.bias.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
+        tbn.running_mean.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
+        tbn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+    fbn = BatchNorm(c, eps=eps, momentum=momentum, affine=affine)
+    state = {f"bn.{k}": v for k, v in tbn.state_dict().items()}
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.bn = fbn
+
+    holder = Holder()
+    load_torch_state_dict(holder, state)
+    tbn.train()
+    for step in range(4):
+        shape = (int(rng.integers(2, 4)), int(rng.integers(1, 6)), int(rng.integers(1, 6)), c)
+        x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+        r = rng.standard_normal(shape).astype(np.float32)
+        def loss(m, v):
+            y = m(v)
+            return jnp.sum(y * r), y
+
+        # nnx.value_and_grad carries the running-stat updates back to fbn.
+        (_, y), gx = nnx.value_and_grad(loss, argnums=1, has_aux=True)(fbn, jnp.asarray(x))
+        xt = _nchw(x).requires_grad_(True)
+        yt = tbn(xt)
+        (yt * _nchw(r)).sum().backward()
+        np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(),
+                                   atol=2e-5, rtol=0, err_msg=f"train output, step {step}")
+        np.testing.assert_allclose(np.asarray(gx), xt.grad.permute(0, 2, 3, 1).numpy(),
+                                   atol=2e-5, rtol=0, err_msg=f"input gradient, step {step}")
+        got = to_torch_state_dict(holder)
+        for k, v in tbn.state_dict().items():
+            np.testing.assert_allclose(got[f"bn.{k}"], v.numpy(), rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{k} after step {step}")
+    assert got["bn.num_batches_tracked"].reshape(-1).tolist() == [4]
+    assert got["bn.num_batches_tracked"].dtype == np.int64
+    # Eval mode uses the running statistics and leaves them alone.
+    fbn.use_running_average = True
+    tbn.eval()
+    x = rng.standard_normal((2, 3, 4, c)).astype(np.float32)
+    with torch.no_grad():
+        yt = tbn(_nchw(x)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(fbn(jnp.asarray(x))), yt, atol=1e-5, rtol=0)
+    assert int(fbn.num_batches_tracked[...]) == 4
+
+
+def test_sequential_paths_and_order():
+    rngs = nnx.Rngs(0)
+
+    class Net(nnx.Module):
+        def __init__(self):
+            # Parameter-free entries (functions) keep their index, as in torch.
+            self.features = Sequential([conv2d(2, 4, 3, 1, 1, rngs=rngs), jax.nn.relu,
+                                        BatchNorm(4), lambda v: v * 2.0,
+                                        conv2d(4, 3, 1, rngs=rngs)])
+
+        def __call__(self, x):
+            return self.features(x)
+
+    net = Net()
+    assert sorted(flax_variables(net)) == [
+        "features.0.bias", "features.0.kernel", "features.2.bias", "features.2.mean",
+        "features.2.num_batches_tracked", "features.2.scale", "features.2.var",
+        "features.4.bias", "features.4.kernel"]
+    assert sorted(to_torch_state_dict(net)) == sorted([
+        "features.0.weight", "features.0.bias", "features.2.weight", "features.2.bias",
+        "features.2.running_mean", "features.2.running_var", "features.2.num_batches_tracked",
+        "features.4.weight", "features.4.bias"])
+    tnet = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, 1, 1), torch.nn.ReLU(),
+                               torch.nn.BatchNorm2d(4))
+    sd = {f"features.{k}": v for k, v in tnet.state_dict().items()}
+    tconv = torch.nn.Conv2d(4, 3, 1)
+    sd.update({f"features.4.{k}": v for k, v in tconv.state_dict().items()})
+    load_torch_state_dict(net, sd)
+    net.eval()
+    tnet.eval()
+    x = np.random.default_rng(4).standard_normal((2, 5, 6, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = tconv(tnet(_nchw(x)) * 2.0).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(net(jnp.asarray(x))), want, atol=1e-5, rtol=0)
+    assert len(net.features) == 5 and net.features[1] is jax.nn.relu

@@ -1,0 +1,180 @@
+"""jaxnets vs torchvision, fp32: AlexNet, VGG, GoogLeNet, Inception v3.
+
+Each parity case ports a randomly initialised torchvision model (BatchNorm
+statistics and affine terms randomised) and compares eval and train-mode
+outputs (the auxiliary heads' too, in training mode) and BatchNorm statistics
+(<= 1e-4); cases with ``grads`` also compare every parameter's gradient in
+eval and train mode in float64 (see porting/parity.py). Every model gets one
+float64 gradient check except the deeper VGGs (see ``VGG_GRADS``); the
+224/299 cases of the large models check outputs only, to keep the file within
+its CI budget.
+
+Sizes are chosen so that the pooling corner cases happen: AlexNet/VGG inputs
+whose final feature map does not divide 6x6/7x7 (adaptive pooling with uneven,
+overlapping windows, or upsampling from 1x1..3x3); GoogLeNet at odd sizes where
+``ceil_mode`` keeps a partial window; Inception v3 above 299.
+"""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxnets
+from porting.parity import run_parity
+from porting.rules import rules_for, torch_key
+from porting.state_dict import PortingError, flax_variables, load_torch_state_dict
+
+NO_AUX = {"aux_logits": False}
+
+# The float64 gradient check of a VGG holds ~10 GB at its peak (133M+
+# parameters, float64 copies and gradients on both sides, eval and train), so
+# it runs for VGG-11 with and without BatchNorm only: the deeper variants are
+# other rows of the same cfg table, built and run by the same code, and their
+# outputs and statistics are still compared at two sizes.
+VGG_GRADS = ("vgg11", "vgg11_bn")
+
+# (arch, size, batch, grads, overrides)
+CASES = [
+    ("alexnet", (224, 224), 2, True, {}),
+    ("alexnet", (200, 240), 1, False, {}),  # 5x6 features -> 6x6: uneven windows
+] + [
+    (f"vgg{depth}{bn}", size, batch, f"vgg{depth}{bn}" in VGG_GRADS and batch == 2, {})
+    for depth, bn, second in (
+        (11, "", (64, 80)),  # 2x2 features -> 7x7
+        (11, "_bn", (200, 240)),  # 6x7 -> 7x7: uneven windows
+        (13, "", (48, 112)),  # 1x3 -> 7x7
+        (13, "_bn", (96, 64)),  # 3x2 -> 7x7
+        (16, "", (32, 32)),  # 1x1 -> 7x7: replication
+        (16, "_bn", (80, 144)),  # 2x4 -> 7x7
+        (19, "", (160, 128)),  # 5x4 -> 7x7
+        (19, "_bn", (112, 176)),  # 3x5 -> 7x7
+    )
+    for size, batch in (((224, 224), 1), (second, 2))
+] + [
+    # Default GoogLeNet and Inception v3 (torchvision's init, auxiliary heads): train mode
+    # returns every head's logits, all compared, and every parameter's gradient.
+    ("googlenet", (224, 224), 2, True, {}),
+    ("inception_v3", (299, 299), 2, True, {}),
+    # Odd sizes: ceil_mode keeps partial windows; transform_input as for the
+    # pretrained weights; no auxiliary heads.
+    ("googlenet", (225, 231), 2, False, {**NO_AUX, "transform_input": True}),
+    ("inception_v3", (320, 341), 1, False, {**NO_AUX, "transform_input": True}),
+]
+
+
+def _id(case):
+    arch, (h, w), batch, grads, overrides = case
+    extra = "".join(f"-{k}" for k, v in overrides.items() if v is True)
+    extra += "-noaux" if overrides.get("aux_logits") is False else ""
+    return f"{arch}-{h}x{w}-b{batch}{'-grads' if grads else ''}{extra}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,size,batch,grads,overrides", CASES, ids=map(_id, CASES))
+def test_parity_with_torchvision(arch, size, batch, grads, overrides):
+    result = run_parity(arch, size=size, batch=batch, grads=grads, overrides=overrides)
+    print(result.table())  # shown with pytest -rA: the measured errors
+    assert result.passed, f"\n{result.table()}"
+    names = [q.name for q in result.quantities]
+    aux = arch in ("googlenet", "inception_v3") and overrides.get("aux_logits", True)
+    n_train = {"googlenet": 3, "inception_v3": 2}.get(arch, 1) if aux else 1
+    # Training mode with auxiliary heads returns every head's logits, eval only the main ones.
+    assert [n for n in names if n.startswith("train ")] == (
+        ["train logits"] if n_train == 1 else [f"train output {i}" for i in range(n_train)])
+    assert "eval logits" in names
+    assert any(n.startswith("grads fp64") for n in names) == grads
+
+
+def test_every_classic_model_is_covered():
+    classic = ["alexnet", "googlenet", "inception_v3"] + [
+        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")]
+    assert set(classic) <= set(jaxnets.list_models())
+    assert {arch for arch, *_ in CASES} == set(classic)
+    with_grads = {arch for arch, _, _, grads, _ in CASES if grads}
+    assert with_grads == {"alexnet", "googlenet", "inception_v3", *VGG_GRADS}
+
+
+def _abstract(name, **overrides):
+    return nnx.eval_shape(lambda: jaxnets.create_model(name, **overrides))
+
+
+def _torch_keys(model):
+    rules = rules_for(model)
+    return [torch_key(path, rules)[0] for path in flax_variables(model)]
+
+
+@pytest.mark.parametrize("name,size,min_size,head", [
+    ("alexnet", (224, 224), (63, 63), ["classifier.6.weight", "classifier.6.bias"]),
+    ("vgg11", (224, 224), (32, 32), ["classifier.6.weight", "classifier.6.bias"]),
+    ("vgg19_bn", (224, 224), (32, 32), ["classifier.6.weight", "classifier.6.bias"]),
+    ("googlenet", (224, 224), (15, 15), ["fc.weight", "fc.bias"]),
+    ("inception_v3", (299, 299), (75, 75), ["fc.weight", "fc.bias"]),
+])
+def test_spec(name, size, min_size, head):
+    spec = jaxnets.get_spec(name)
+    assert spec.input_size == size and spec.min_size == min_size
+    keys = _torch_keys(_abstract(name))
+    assert sorted(k for k in keys if re.search(spec.head, k)) == sorted(head)
+
+
+def test_vgg_variants_are_torchvision_layouts():
+    # `features` has torchvision's Sequential indices (conv, [bn,] relu, pool) for every row.
+    from torchvision.models import vgg as tv_vgg
+
+    for depth, cfg in ((11, "A"), (13, "B"), (16, "D"), (19, "E")):
+        for bn in (False, True):
+            keys = _torch_keys(_abstract(f"vgg{depth}{'_bn' if bn else ''}"))
+            want = tv_vgg.make_layers(tv_vgg.cfgs[cfg], batch_norm=bn).state_dict()
+            assert sorted(k for k in keys if k.startswith("features.")) == sorted(
+                f"features.{k}" for k in want)
+
+
+@pytest.mark.parametrize("arch,aux_re", [
+    ("googlenet", (r"^aux1\.", r"^aux2\.")),
+    ("inception_v3", (r"^AuxLogits\.",)),
+])
+def test_checkpoint_with_aux_heads_needs_explicit_ignore(arch, aux_re):
+    from porting.reference import build_torch_model
+
+    state = build_torch_model(arch, aux_logits=True, init_weights=False).state_dict()
+    aux_keys = sorted(k for k in state if any(re.search(p, k) for p in aux_re))
+    assert aux_keys, "the reference checkpoint should carry auxiliary heads"
+    model = jaxnets.create_model(arch, aux_logits=False, init_weights=False)
+    with pytest.raises(PortingError) as err:
+        load_torch_state_dict(model, state)
+    message = str(err.value)
+    assert "unexpected" in message and all(k in message for k in aux_keys)
+    report = load_torch_state_dict(model, state, ignore=aux_re)
+    assert sorted(report.ignored) == aux_keys
+    assert not report.missing and not report.unexpected
+    assert len(report.loaded) == len(state) - len(aux_keys)
+    fc = np.asarray(state["fc.weight"]).T
+    np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]), fc)
+
+
+def test_dropout_follows_the_dropout_rng_stream():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 63, 63, 3)), jnp.float32)
+
+    def run(dropout_seed, **kw):
+        model = jaxnets.create_model("alexnet", num_classes=10,
+                                     rngs=nnx.Rngs(params=0, dropout=dropout_seed), **kw)
+        return model, np.asarray(model(x))
+
+    m1, a = run(1)
+    m2, b = run(2)
+    _, a_again = run(1)
+    # Same parameter stream: same weights; another dropout stream: other masks.
+    np.testing.assert_array_equal(m1.classifier[1].kernel[...], m2.classifier[1].kernel[...])
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, a_again)
+    # A second call draws new masks.
+    assert not np.allclose(a, np.asarray(m1(x)))
+    m1.eval()
+    np.testing.assert_array_equal(np.asarray(m1(x)), np.asarray(m1(x)))
+    # With rate 0 a training-mode pass is the eval pass (AlexNet has no BatchNorm).
+    m0, train0 = run(3, dropout=0.0)
+    m0.eval()
+    np.testing.assert_allclose(train0, np.asarray(m0(x)), rtol=0, atol=0)
