@@ -76,6 +76,10 @@ class Config:
     num_workers: int = 4
     progress: bool = True
     debug_nan_at_step: int | None = None
+    precision: str = "fp32"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def to_json(self) -> str:
         """The config as indented JSON."""
@@ -255,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug-nan-at-step", type=_nonneg_int, default=None, metavar="N",
                    help="debugging: make one parameter NaN before step N, to exercise the "
                         "non-finite-loss stop")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="compute precision of the steps: bf16 runs forward/backward in bfloat16 "
+                        "while parameters, optimizer state and BatchNorm statistics stay float32")
+
+    g = p.add_argument_group("multi-host (data parallel over all devices of all processes)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordination service; start the same command "
+                        "on every host with its own --process-id. Needs --num-processes and "
+                        "--process-id (all three or none). Without it: every local device")
+    g.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+                   help="total processes of a multi-host run (with --coordinator)")
+    g.add_argument("--process-id", type=_nonneg_int, default=None, metavar="I",
+                   help="this process's index in [0, N) (with --coordinator)")
     return p
 
 
@@ -267,7 +284,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     Returns:
         The config; ``None`` fields are resolved later by ``resolve``.
     """
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    multi = {"--coordinator": ns.coordinator, "--num-processes": ns.num_processes,
+             "--process-id": ns.process_id}
+    given = [k for k, v in multi.items() if v is not None]
+    if given and len(given) != len(multi):
+        missing = ", ".join(k for k in multi if k not in given)
+        parser.error(f"{', '.join(given)} needs {missing} too (all three or none)")
+    if ns.coordinator is not None and ns.process_id >= ns.num_processes:
+        parser.error(f"--process-id {ns.process_id} is not in [0, {ns.num_processes})")
+    if ns.coordinator is not None and not re.fullmatch(r"\S+:\d+", ns.coordinator):
+        parser.error(f"--coordinator must be HOST:PORT, got {ns.coordinator!r}")
     values = vars(ns)
     values["freeze"] = tuple(values["freeze"])
     values["lr_mult"] = tuple(values["lr_mult"])

@@ -11,6 +11,12 @@ TensorBoard events in ``tb/``, and at the end ``curves.png``,
 same command resumes from the last checkpoint (same data position, RNG and
 optimizer state, so it ends where an uninterrupted run ends).
 
+Data parallel over every device (``--coordinator``/``--num-processes``/
+``--process-id`` join several hosts into one job): the state is replicated,
+each global batch is split over the devices, only process 0 prints and writes
+logs, plots and summaries, and every process takes part in checkpoint saves.
+``--precision bf16`` computes in bfloat16 with float32 parameters.
+
 Exit status: 0 done; 2 bad input (one ``error: ...`` line on stderr, nothing
 written before is touched); 1 non-finite loss (the last good checkpoint is
 kept); 130 interrupted by Ctrl-C (after saving a checkpoint).
@@ -172,8 +178,13 @@ def augment_config(cfg, spec, train: bool):
 
 
 def evaluate(eval_step, state, source, batch_size: int, num_workers: int, desc: str = "eval",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, mesh=None) -> dict[str, Any]:
     """Runs the eval step over a whole split.
+
+    With several processes each one loads its slice of every global batch; the
+    outputs (sharded over all processes' devices) and the slices' labels,
+    masks and indices are gathered on every host in process order, so every
+    process returns the metrics of the whole split.
 
     Args:
         eval_step: From ``train.steps.make_eval_step``.
@@ -182,32 +193,47 @@ def evaluate(eval_step, state, source, batch_size: int, num_workers: int, desc: 
         batch_size: Eval batch (the last batch is padded and masked).
         num_workers: Decoding threads.
         desc: Progress bar label.
-        progress: Show the bar.
+        progress: Show the bar (process 0 only).
+        mesh: The mesh the eval step was built for (batches are assembled
+            with ``train.distributed.global_batch``); None for the default device.
 
     Returns:
         ``top1``, ``top5``, ``loss`` (means), ``count``, and per-example
         ``labels``, ``preds``, ``top5_hit``, ``losses``, ``indices``, ``logits``.
     """
     import jax
-    from tqdm import tqdm
 
+    from train import distributed
     from train.data import Loader
 
+    multi = jax.process_count() > 1
+    if multi:
+        from jax.experimental import multihost_utils
     loader = Loader(source, batch_size, shuffle=False, drop_remainder=False, num_epochs=1,
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     num_workers=num_workers)
     out = {k: [] for k in ("labels", "preds", "top5_hit", "losses", "indices", "logits")}
-    with tqdm(total=loader.steps_per_epoch, desc=desc, leave=False, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with distributed.progress(total=loader.steps_per_epoch, desc=desc, leave=False,
+                              disable=not (progress and distributed.is_main_process())) as bar:
         for batch in loader:
-            res = jax.device_get(eval_step(state, {k: batch[k] for k in ("image", "label",
-                                                                          "mask")}))
-            m = batch["mask"]
-            out["labels"].append(batch["label"][m])
+            inputs = {k: batch[k] for k in ("image", "label", "mask")}
+            if mesh is not None:
+                inputs = distributed.global_batch(inputs, mesh)
+            res = eval_step(state, inputs)
+            if multi:
+                # Each host holds only its devices' rows: gather all of them,
+                # and the other hosts' labels/masks/indices in the same order.
+                res = multihost_utils.process_allgather(res, tiled=True)
+                batch = multihost_utils.process_allgather(
+                    {k: batch[k] for k in ("label", "mask", "index")}, tiled=True)
+            else:
+                res = jax.device_get(res)
+            m = np.asarray(batch["mask"])
+            out["labels"].append(np.asarray(batch["label"])[m])
             out["preds"].append(np.asarray(res["pred"])[m])
             out["top5_hit"].append(np.asarray(res["top5"])[m])
             out["losses"].append(np.asarray(res["loss"])[m])
-            out["indices"].append(batch["index"][m])
+            out["indices"].append(np.asarray(batch["index"])[m])
             out["logits"].append(np.asarray(res["logits"])[m])
             bar.update(1)
     arrays = {k: np.concatenate(v) for k, v in out.items()}
@@ -294,16 +320,26 @@ def run(cfg) -> int:
         RunError: Bad input, reported by ``main``.
     """
     import jax
-    from tqdm import tqdm
 
     import jaxnets
     from train import checkpoint as ckpt_lib
     from train import config as config_lib
+    from train import distributed
     from train import optim, steps as steps_lib
     from train.data import Loader, load_dataset
     from train.metrics import MetricsLog
 
     started = time.time()
+    # Joining the job must come before anything touches a device.
+    try:
+        distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    except ValueError as e:
+        raise RunError(f"--coordinator: {e}") from None
+    mesh = distributed.make_mesh()
+    main = distributed.is_main_process()
+    if cfg.batch_size % mesh.size:
+        raise RunError(f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} "
+                       "devices of the run (each takes an equal share)")
     spec = jaxnets.get_spec(cfg.arch)
     if spec.kind not in ("image", "vector"):
         raise RunError(f"--arch {cfg.arch} is a {spec.kind} model; finetune trains image "
@@ -324,6 +360,9 @@ def run(cfg) -> int:
     cfg = config_lib.resolve(cfg, spec=spec, native_size=native,
                              transforms=getattr(weights_meta, "transforms", weights_meta),
                              steps_per_epoch=train_loader.steps_per_epoch)
+    if cfg.eval_batch_size % mesh.size:
+        raise RunError(f"--eval-batch-size {cfg.eval_batch_size} must be divisible by the "
+                       f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     _check_identity(run_dir, cfg)
 
@@ -360,19 +399,24 @@ def run(cfg) -> int:
     start_step = 0
     if restored is not None:
         start_step, state, _ = restored
-        print(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
-    config_lib.save(cfg, os.path.join(run_dir, "config.json"))
-    print(f"{cfg.arch}: {load_report}; {groups.summary()}; {len(train_src)} train / "
-          f"{len(val_src)} val images, {num_classes} classes, {cfg.image_size}px", file=sys.stderr)
+        distributed.print0(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
+    state = distributed.replicate(state, mesh)
+    if main:
+        config_lib.save(cfg, os.path.join(run_dir, "config.json"))
+    distributed.print0(f"{cfg.arch}: {load_report}; {groups.summary()}; {len(train_src)} train / "
+          f"{len(val_src)} val images, {num_classes} classes, {cfg.image_size}px, {cfg.precision}, {mesh.size} device(s) in "
+        f"{pcount} process(es)", file=sys.stderr)
 
     aug = augment_config(cfg, spec, train=True)
-    eval_step = steps_lib.make_eval_step(parts, augment=aug, num_classes=num_classes)
+    eval_step = steps_lib.make_eval_step(parts, augment=aug, num_classes=num_classes, mesh=mesh,
+                                         precision=cfg.precision)
     eval_bs = cfg.eval_batch_size
 
     if cfg.eval_only or cfg.steps == 0:
         result = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
-                          progress=cfg.progress)
-        print(_finish(run_dir, result, val_src, None, start_step, time.time() - started))
+                          progress=cfg.progress, mesh=mesh)
+        if main:
+            print(_finish(run_dir, result, val_src, None, start_step, time.time() - started))
         checkpointer.close()
         return 0
 
@@ -386,9 +430,10 @@ def run(cfg) -> int:
     train_step = steps_lib.make_train_step(
         parts, tx, augment=aug, num_classes=num_classes, frozen=groups.frozen,
         frozen_stats=groups.frozen_stats, label_smoothing=cfg.label_smoothing,
-        mmd_weight=cfg.mmd_weight if mmd else 0.0)
+        mmd_weight=cfg.mmd_weight if mmd else 0.0, mesh=mesh, precision=cfg.precision)
 
-    metrics_log = MetricsLog(run_dir, resume_step=start_step if restored else None)
+    # Only process 0 writes metrics, plots and summaries; all save checkpoints.
+    metrics_log = MetricsLog(run_dir, resume_step=start_step if restored else None) if main else None
     spe = train_loader.steps_per_epoch
     train_loader.start_step = start_step
     total = cfg.steps
@@ -401,8 +446,9 @@ def run(cfg) -> int:
     step = start_step
     it = iter(train_loader)
     target_it = iter(target_loader) if target_loader is not None else None
-    bar = tqdm(total=total, initial=start_step, desc=f"{cfg.arch} train", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = distributed.progress(total=total, initial=start_step, desc=f"{cfg.arch} train",
+                               disable=not (cfg.progress and main))
+    say = bar.write if main else (lambda *a, **k: None)
     try:
         with _Interrupt() as interrupt:
             while step < total:
@@ -410,6 +456,8 @@ def run(cfg) -> int:
                 batch = {k: batch[k] for k in ("image", "label", "mask")}
                 if target_it is not None:
                     batch["target_image"] = next(target_it)["image"]
+                local_images = len(batch["label"])
+                batch = distributed.global_batch(batch, mesh)
                 if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
                     state = _poison(state)
                 state, m = train_step(state, batch)
@@ -422,14 +470,15 @@ def run(cfg) -> int:
                 window["correct"] += float(m["correct"])
                 window["count"] += float(m["count"])
                 window["n"] += 1
-                images_window += len(batch["label"]) * pcount
+                images_window += local_images * pcount
                 if step % cfg.log_every == 0 or step == total:
                     speed = images_window / max(time.time() - t_window, 1e-9)
                     row = {"loss": window["loss"] / window["n"],
                            "top1": window["correct"] / max(window["count"], 1),
                            "images_per_s": speed, "mmd": float(m["mmd"]),
                            "grad_norm": float(m["grad_norm"])}
-                    metrics_log.log("train", step, **row)
+                    if metrics_log is not None:
+                        metrics_log.log("train", step, **row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{100 * row['top1']:.1f}%",
                                     img_s=f"{speed:.0f}")
                     window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
@@ -437,10 +486,11 @@ def run(cfg) -> int:
                 epoch_end = step % spe == 0 or step == total
                 if epoch_end:
                     res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
-                                   progress=cfg.progress)
-                    metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
-                                    top5=res["top5"], epoch=math.ceil(step / spe))
-                    bar.write(f"epoch {math.ceil(step / spe)} step {step}: val top-1 "
+                                   progress=cfg.progress, mesh=mesh)
+                    if metrics_log is not None:
+                        metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
+                                        top5=res["top5"], epoch=math.ceil(step / spe))
+                    say(f"epoch {math.ceil(step / spe)} step {step}: val top-1 "
                               f"{100 * res['top1']:.2f}% top-5 {100 * res['top5']:.2f}% "
                               f"loss {res['loss']:.4f}")
                     checkpointer.save(step, state, meta(step), val_top1=res["top1"])
@@ -452,7 +502,7 @@ def run(cfg) -> int:
                     last_saved = step
                 if interrupt.requested:
                     checkpointer.save(step, state, meta(step))
-                    bar.write(f"interrupted: checkpoint saved at step {step} in {run_dir}; "
+                    say(f"interrupted: checkpoint saved at step {step} in {run_dir}; "
                               "rerun the same command to resume")
                     status = EXIT_INTERRUPTED
                     break
@@ -460,9 +510,10 @@ def run(cfg) -> int:
         bar.close()
         where = (f"the last good checkpoint (step {last_saved}) is kept"
                  if last_saved is not None else "no checkpoint was written")
-        print(f"error: {e}; stopping ({where} in {run_dir}). Lower --lr or set "
-              "--clip-grad-norm.", file=sys.stderr)
-        metrics_log.close()
+        distributed.print0(f"error: {e}; stopping ({where} in {run_dir}). Lower --lr or set "
+                           "--clip-grad-norm.", file=sys.stderr)
+        if metrics_log is not None:
+            metrics_log.close()
         checkpointer.close()
         return EXIT_NAN
     finally:
@@ -473,9 +524,11 @@ def run(cfg) -> int:
     if status == 0:
         result = last_eval if last_eval is not None and last_eval[0] == step else None
         result = result[1] if result else evaluate(
-            eval_step, state, val_src, eval_bs, cfg.num_workers, progress=cfg.progress)
-        print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started))
-    metrics_log.close()
+            eval_step, state, val_src, eval_bs, cfg.num_workers, progress=cfg.progress, mesh=mesh)
+        if main:
+            print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started))
+    if metrics_log is not None:
+        metrics_log.close()
     checkpointer.close()
     return status
 

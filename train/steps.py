@@ -16,6 +16,11 @@ Sharding: ``make_train_step(..., mesh=mesh)`` passes ``in_shardings`` /
 split along the mesh's first axis. With ``mesh=None`` jit places everything
 on the default device. Batch shapes are fixed (the train loader drops the
 remainder, eval pads with a mask), so each step compiles exactly once.
+
+Precision: ``precision="bf16"`` (``train.precision``) casts a bfloat16 copy of
+the parameters inside the step (gradients flow back to the float32 ones), the
+augmented inputs to bfloat16 and the logits/features back to float32 before
+the loss. Parameters, optimizer state and BatchNorm statistics stay float32.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from flax import nnx
 from porting.rules import rules_for, torch_key
 from train import mmd as mmd_lib
 from train.augment import AugmentConfig, eval_transform, train_transform
+from train.precision import get_policy
 
 __all__ = ["ModelParts", "split_model", "merge_model", "init_state", "make_train_step",
            "make_eval_step", "head_path", "forward_with_head_input", "TrainStep"]
@@ -249,6 +255,7 @@ def make_train_step(
     mmd_weight: float = 0.0,
     mmd_multipliers: tuple[float, ...] = mmd_lib.DEFAULT_MULTIPLIERS,
     mesh: jax.sharding.Mesh | None = None,
+    precision: str = "fp32",
 ) -> TrainStep:
     """Builds the jitted ``train_step(state, batch) -> (state, metrics)``.
 
@@ -270,11 +277,13 @@ def make_train_step(
         mmd_multipliers: Kernel bandwidth multipliers.
         mesh: Device mesh for data parallelism (batch on its first axis,
             state replicated); None for the default device.
+        precision: ``"fp32"`` or ``"bf16"`` (see the module docstring).
 
     Returns:
         The jitted step. Its metrics are scalars: ``loss`` (total),
         ``ce``, ``mmd``, ``correct`` (count), ``count``, ``grad_norm``, ``lr_scale``.
     """
+    policy = get_policy(precision)
     if mmd_weight and parts.head is None:
         raise ValueError("MMD needs the model's head module; the spec's head regex matched none")
 
@@ -285,17 +294,19 @@ def make_train_step(
         n = x.shape[0]
         if mmd_weight:
             x = jnp.concatenate([x, train_transform(k_target, batch["target_image"], augment)])
+        x = policy.cast_inputs(x)
         mask = batch["mask"].astype(jnp.float32)
 
         def loss_fn(params):
-            model = merge_model(parts, params, state["batch_stats"], train=True)
+            model = merge_model(parts, policy.cast_param_tree(params), state["batch_stats"],
+                                train=True)
             nnx.reseed(model, dropout=k_dropout, default=k_dropout)
             if mmd_weight:
-                logits, feats = forward_with_head_input(model, x, parts.head)
+                logits, feats = policy.cast_output(forward_with_head_input(model, x, parts.head))
                 mmd = mmd_lib.mmd2(feats[:n], feats[n:], multipliers=mmd_multipliers)
                 logits = logits[:n]
             else:
-                logits, mmd = model(x), jnp.zeros((), jnp.float32)
+                logits, mmd = policy.cast_output(model(x)), jnp.zeros((), jnp.float32)
             ce = _cross_entropy(logits, batch["label"], num_classes, label_smoothing)
             ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             return ce + mmd_weight * mmd, (logits, _flat_stats(model), ce, mmd)
@@ -328,6 +339,7 @@ def make_eval_step(
     augment: AugmentConfig,
     num_classes: int,
     mesh: jax.sharding.Mesh | None = None,
+    precision: str = "fp32",
 ) -> Callable[[dict, dict], dict]:
     """Builds the jitted ``eval_step(state, batch) -> per-example outputs``.
 
@@ -336,6 +348,7 @@ def make_eval_step(
         augment: Eval transform settings (static).
         num_classes: Classes of the task.
         mesh: As in ``make_train_step``.
+        precision: As in ``make_train_step``.
 
     Returns:
         The jitted step, returning ``loss`` (float32 ``[B]``), ``pred``
@@ -343,11 +356,13 @@ def make_eval_step(
         ``logits``; padded examples are left to the caller's mask.
     """
     k = min(5, num_classes)
+    policy = get_policy(precision)
 
     def step(state, batch):
-        x = eval_transform(batch["image"], augment)
-        model = merge_model(parts, state["params"], state["batch_stats"], train=False)
-        logits = model(x).astype(jnp.float32)
+        x = policy.cast_inputs(eval_transform(batch["image"], augment))
+        model = merge_model(parts, policy.cast_param_tree(state["params"]), state["batch_stats"],
+                            train=False)
+        logits = policy.cast_output(model(x)).astype(jnp.float32)
         loss = _cross_entropy(logits, batch["label"], num_classes, 0.0)
         _, top = jax.lax.top_k(logits, k)
         return {"loss": loss, "pred": jnp.argmax(logits, -1).astype(jnp.int32),

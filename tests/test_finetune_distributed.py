@@ -1,0 +1,184 @@
+"""train.finetune's multi-device layer and bf16: sharded steps, --precision, multi-host flags.
+
+The sharded comparison runs in a subprocess with 8 virtual CPU devices
+(``--xla_force_host_platform_device_count=8`` must be set before JAX starts).
+It uses fp32 with plain SGD at a small learning rate: a data-parallel step sums
+the batch in a different order than a one-device step, and fp32 round-off in
+the BatchNorm gradients (~1e-3 relative) would otherwise exceed 1e-5 in the
+parameters after a step; a step of 1e-3 keeps that far below the tolerance
+while moving the parameters by much more than it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from train import finetune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENET = ["--arch", "lenet5", "--dataset", "digits", "--weights", "none", "--no-progress"]
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json
+
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from jaxnets.resnet import BasicBlock, ResNet
+    from train import distributed, steps
+    from train.augment import AugmentConfig
+
+    assert jax.device_count() == 8, jax.devices()
+    model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=5, rngs=nnx.Rngs(0))
+    parts, params, stats = steps.split_model(model, r"^fc\\.")
+    params, stats = jax.device_get((params, stats))
+    # Random crops and flips stay on: the step draws them for the global batch
+    # inside one jit program, so they do not depend on how the batch is split.
+    aug = AugmentConfig(crop_size=16, resize_size=16, scale=(0.35, 1.0), flip_prob=0.5)
+    tx = optax.sgd(1e-3)
+    rng = np.random.default_rng(1)
+    batches = [{"image": rng.integers(0, 255, (16, 20, 20, 3), dtype=np.uint8),
+                "label": rng.integers(0, 5, 16).astype(np.int32),
+                "mask": np.arange(16) < 14} for _ in range(3)]
+
+    def run(mesh):
+        state = distributed.replicate(steps.init_state(params, stats, tx, seed=3), mesh)
+        train_step = steps.make_train_step(parts, tx, augment=aug, num_classes=5, mesh=mesh)
+        eval_step = steps.make_eval_step(parts, augment=aug, num_classes=5, mesh=mesh)
+        losses = []
+        for batch in batches:
+            gb = distributed.global_batch(batch, mesh)
+            state, m = train_step(state, gb)
+            losses.append(float(m["loss"]))
+        out = eval_step(state, distributed.global_batch(batches[0], mesh))
+        devices = {len(state["params"][k].sharding.device_set) for k in state["params"]}
+        return jax.device_get(state), losses, jax.device_get(out), devices, len(
+            gb["image"].sharding.device_set)
+
+    s8, l8, e8, dev8, bdev8 = run(distributed.make_mesh())
+    s1, l1, e1, dev1, bdev1 = run(distributed.make_mesh(devices=jax.devices()[:1]))
+    diff = lambda a, b: max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    moved = max(float(np.max(np.abs(s1["params"][k] - params[k]))) for k in params)
+    print(json.dumps({
+        "param_diff": diff(s8["params"], s1["params"]),
+        "stat_diff": diff(s8["batch_stats"], s1["batch_stats"]),
+        "stats_moved": diff(s1["batch_stats"], stats),
+        "moved": moved, "losses8": l8, "losses1": l1,
+        "logit_diff": float(np.max(np.abs(e8["logits"] - e1["logits"]))),
+        "pred_equal": bool(np.array_equal(e8["pred"], e1["pred"])),
+        "state_devices": sorted(dev8 | dev1), "batch_devices": [bdev8, bdev1],
+        "steps": [int(s8["step"]), int(s1["step"])],
+    }))
+""")
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def test_train_step_on_8_devices_matches_one_device():
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=_env(8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["steps"] == [3, 3]
+    assert r["batch_devices"] == [8, 1]
+    assert r["state_devices"] == [1, 8]
+    # The comparison means something only if the parameters and statistics moved.
+    assert r["moved"] > 1e-4 and r["stats_moved"] > 1e-3, r
+    assert r["param_diff"] <= 1e-5, r
+    assert r["stat_diff"] <= 1e-5, r
+    np.testing.assert_allclose(r["losses8"], r["losses1"], rtol=1e-5)
+    assert r["logit_diff"] <= 1e-4 and r["pred_equal"], r
+
+
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_cli_on_8_devices_matches_1_device_and_rejects_an_indivisible_batch(tmp_path):
+    from train.data import load_dataset
+
+    summaries = {}
+    for devices in (8, 1):
+        run_dir = str(tmp_path / f"run{devices}")
+        args = [sys.executable, "-m", "train.finetune", *LENET, "--steps", "30",
+                "--batch-size", "32", "--eval-batch-size", "64", "--output-dir", run_dir]
+        proc = subprocess.run(args, cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{devices} device(s) in 1 process(es)" in proc.stderr
+        summaries[devices] = _summary(run_dir)
+    s8, s1 = summaries[8], summaries[1]
+    # Every val image is counted once, whatever the padding of the last sharded batch.
+    assert s8["val_count"] == len(load_dataset("digits", split="val", seed=0))
+    assert s8["step"] == 30 and s8["val_count"] == s1["val_count"]
+    assert s8["val_top1"] > 0.3, s8  # trained: chance is 0.1
+    assert abs(s8["val_top1"] - s1["val_top1"]) <= 1 / s8["val_count"], summaries
+    assert s8["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-3), summaries
+
+    bad = args[:-1] + [str(tmp_path / "bad"), "--batch-size", "36"]
+    proc = subprocess.run(bad, cwd=REPO, env=_env(8), capture_output=True, text=True,
+                          timeout=600)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("error: --batch-size 36 must be divisible by the 8 devices"), err
+
+
+def test_bf16_run_matches_fp32_accuracy_and_saves_fp32_params(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    from train.checkpoint import Checkpointer
+
+    common = LENET + ["--epochs", "8", "--batch-size", "64", "--seed", "1"]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        run_dir = str(tmp_path / precision)
+        assert finetune.main(common + ["--precision", precision, "--output-dir", run_dir]) == 0
+        results[precision] = _summary(run_dir)
+    capsys.readouterr()
+    fp32, bf16 = results["fp32"]["val_top1"], results["bf16"]["val_top1"]
+    assert fp32 > 0.9, results  # a trained model, so the comparison is meaningful
+    assert abs(bf16 - fp32) <= 0.01, results
+    with open(os.path.join(str(tmp_path / "bf16"), "config.json")) as f:
+        assert json.load(f)["precision"] == "bf16"
+
+    ck = Checkpointer(os.path.join(str(tmp_path / "bf16"), "checkpoints"))
+    state = ocp.StandardCheckpointer().restore(
+        os.path.join(ck.directory, str(max(ck.steps())), "state"))
+    dtypes = {str(np.asarray(v).dtype) for group in ("params", "batch_stats")
+              for v in state[group].values()}
+    assert dtypes == {"float32"}, dtypes
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes, --process-id"),
+    (["--num-processes", "2", "--process-id", "0"], "--num-processes, --process-id needs "
+                                                    "--coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "not in [0, 2)"),
+    (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--precision", "fp16"], "--precision"),
+])
+def test_multihost_and_precision_flags_are_validated(extra, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(LENET + extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_help_documents_the_new_flags(capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--precision", "--coordinator", "--num-processes", "--process-id"):
+        assert flag in out
