@@ -112,7 +112,8 @@ def build_abstract(arch: str, num_classes: int | None = None, **overrides: Any) 
                                                             **overrides))
         # Tracing the initialisers is most of the build time: keep the result.
         _ABSTRACT[key] = nnx.split(model)
-    return nnx.merge(*_ABSTRACT[key])
+    # copy=True: each model gets its own Variables; filling one must not fill the cache.
+    return nnx.merge(*_ABSTRACT[key], copy=True)
 
 
 def _aligned_copy(array: np.ndarray, dtype: Any) -> np.ndarray:

@@ -207,3 +207,17 @@ def test_materialize_matches_create_model():
     assert ours.keys() == ref.keys()
     for k in ref:
         np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_abstract_builds_are_independent():
+    """Filling one shape-only model must not fill the next one (a shared cache would
+    hand out the previous load's arrays, e.g. a stale head)."""
+    import jax
+    import jax.numpy as jnp
+
+    from porting.pretrained import build_abstract
+
+    first = build_abstract("lenet5")
+    first.fc3.bias.set_value(jnp.ones(10))
+    second = build_abstract("lenet5")
+    assert isinstance(second.fc3.bias.get_value(), jax.ShapeDtypeStruct)
