@@ -16,6 +16,7 @@ import torchvision
 from flax import nnx
 
 from porting.__main__ import main
+from porting.parity import randomize_torch_model
 from porting.pretrained import build_abstract, materialize, read_converted
 from porting.safetensors_io import load_safetensors
 from porting.state_dict import to_torch_state_dict
@@ -29,11 +30,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(1)
     model = torchvision.models.resnet18()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_torch_model(model, seed=1)  # non-default BN statistics and affine terms
     model.eval()
     pth = root / "r18.pth"
     torch.save({"epoch": 3, "state_dict": model.state_dict()}, pth)

@@ -25,6 +25,7 @@ from porting import hub, pretrained
 from porting.pretrained import read_converted
 from porting.pth import PthError
 from porting.state_dict import PortingError, flax_variables, to_torch_state_dict
+from porting.parity import randomize_torch_model
 from porting.weights import UnknownWeightsError, get_weights
 
 
@@ -32,13 +33,7 @@ def _torch_resnet18() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     # Non-trivial BN statistics and affine terms, or BN porting bugs hide.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    randomize_torch_model(model, seed=0)
     return model.eval()
 
 
