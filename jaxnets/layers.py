@@ -197,11 +197,14 @@ class BatchNorm(nnx.Module):
             m = self.momentum
             unbiased = var * (n / max(n - 1, 1))
             stat = self.mean[...].dtype
-            self.mean[...] = ((1 - m) * self.mean[...]
-                              + m * jax.lax.stop_gradient(mean)).astype(stat)
-            self.var[...] = ((1 - m) * self.var[...]
-                             + m * jax.lax.stop_gradient(unbiased)).astype(stat)
-            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+            # set_value, not `self.mean[...] = ...`: flax's indexed assignment
+            # probes the new value's sharding, which on a tracer under grad walks
+            # the whole trace (measured: 60% of tracing a ResNet-101 train step).
+            self.mean.set_value(((1 - m) * self.mean[...]
+                                 + m * jax.lax.stop_gradient(mean)).astype(stat))
+            self.var.set_value(((1 - m) * self.var[...]
+                                + m * jax.lax.stop_gradient(unbiased)).astype(stat))
+            self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:
             y = y * self.scale[...] + self.bias[...]

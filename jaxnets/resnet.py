@@ -122,9 +122,9 @@ class ResNet(nnx.Module):
         if zero_init_residual:
             for _, m in nnx.iter_graph(self):
                 if isinstance(m, Bottleneck):
-                    m.bn3.scale[...] = jnp.zeros_like(m.bn3.scale[...])
+                    m.bn3.scale.set_value(jnp.zeros_like(m.bn3.scale[...]))
                 elif isinstance(m, BasicBlock):
-                    m.bn2.scale[...] = jnp.zeros_like(m.bn2.scale[...])
+                    m.bn2.scale.set_value(jnp.zeros_like(m.bn2.scale[...]))
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False, *, rngs):
         downsample = None

@@ -56,7 +56,7 @@ def make_layers(cfg: Sequence[int | str], batch_norm: bool = False, *, in_channe
         conv = conv2d(in_channels, v, 3, 1, 1, rngs=rngs,
                       kernel_init=kaiming_normal_fan_out if init_weights else None)
         if init_weights:
-            conv.bias[...] = jnp.zeros_like(conv.bias[...])
+            conv.bias.set_value(jnp.zeros_like(conv.bias[...]))
         layers += [conv, BatchNorm(v), jax.nn.relu] if batch_norm else [conv, jax.nn.relu]
         in_channels = v
     return Sequential(layers)

@@ -314,7 +314,7 @@ class VisionTransformer(nnx.Module):
         fan_in = in_channels * patch_size * patch_size
         self.conv_proj = conv2d(in_channels, hidden_dim, patch_size, patch_size,
                                 kernel_init=_trunc_normal(math.sqrt(1 / fan_in)), rngs=rngs)
-        self.conv_proj.bias[...] = jnp.zeros_like(self.conv_proj.bias[...])
+        self.conv_proj.bias.set_value(jnp.zeros_like(self.conv_proj.bias[...]))
         self.class_token = nnx.Param(jnp.zeros((1, 1, hidden_dim), jnp.float32))
         seq_length = (image_size // patch_size) ** 2 + 1
         self.seq_length = seq_length

@@ -48,7 +48,8 @@ from porting import hub
 from porting.pth import load_state_dict_file
 from porting.rules import rules_for, torch_key
 from porting.safetensors_io import load_safetensors, save_safetensors
-from porting.state_dict import LoadReport, PortingError, flax_variables, load_torch_state_dict
+from porting.state_dict import LoadReport, PortingError, flax_variables, load_torch_state_dict, \
+    to_device
 from porting.weights import UnknownWeightsError, Weights, get_weights
 
 __all__ = ["CONVERTED_FORMAT", "from_torchvision", "load_torchvision", "converted_cache_dir",
@@ -63,7 +64,6 @@ _META = "jaxnets.json"
 _TENSORS = "model.safetensors"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 
-_ALIGN = 64
 # flax path -> (variable, torch key, layout) of a model's parameters and statistics.
 _Index = dict[str, tuple[nnx.Variable, str, Any]]
 _ABSTRACT: dict[tuple, tuple] = {}
@@ -114,68 +114,6 @@ def build_abstract(arch: str, num_classes: int | None = None, **overrides: Any) 
         _ABSTRACT[key] = nnx.split(model)
     # copy=True: each model gets its own Variables; filling one must not fill the cache.
     return nnx.merge(*_ABSTRACT[key], copy=True)
-
-
-def _aligned_copy(array: np.ndarray, dtype: Any) -> np.ndarray:
-    """A C-contiguous copy on a 64-byte boundary, which ``jax.device_put`` on CPU
-    adopts without copying again."""
-    dtype = np.dtype(dtype)
-    nbytes = array.size * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    out = raw[start:start + nbytes].view(dtype).reshape(array.shape)
-    np.copyto(out, array, casting="unsafe")
-    return out
-
-
-def _to_device(value: np.ndarray, dtype: Any, *, owned: bool) -> jax.Array:
-    """On the device as ``dtype``; ``owned`` arrays (nobody else holds them) may be
-    adopted without a copy, others are always copied."""
-    if value.dtype != dtype or not value.flags.c_contiguous:
-        return jax.device_put(_aligned_copy(value, dtype), may_alias=True)
-    return jax.device_put(value, may_alias=owned)
-
-
-def _stream_load(index: _Index, sd: dict[str, np.ndarray],
-                 ignore: tuple[str, ...]) -> LoadReport | None:
-    """``load_torch_state_dict`` semantics, converting one tensor at a time.
-
-    Each loaded entry is removed from ``sd`` as it is converted, so its memory
-    is released while the model's grows: the peak stays near one checkpoint
-    instead of two. Only for a load that fits: returns None without touching
-    anything when a key is missing, unexpected or mis-shaped, so the caller can
-    let ``load_torch_state_dict`` raise its canonical error.
-    """
-    ignore_re = [re.compile(p) for p in ignore]
-    ignored = lambda k: any(p.search(k) for p in ignore_re)  # noqa: E731
-    report = LoadReport()
-    plan = []
-    model_keys = set()
-    for var, key, layout in index.values():
-        model_keys.add(key)
-        if ignored(key):
-            report.ignored.append(key)
-            continue
-        current = var.get_value()
-        if key not in sd or tuple(sd[key].shape) != layout.torch_shape(tuple(current.shape)):
-            return None
-        plan.append((key, var, layout, current.dtype))
-        report.loaded.append(key)
-    for key in sd:
-        if key not in model_keys:
-            if not ignored(key):
-                return None  # unexpected
-            report.ignored.append(key)
-    casts: dict[str, int] = {}
-    for key, var, layout, dtype in plan:
-        value = layout.from_torch(np.asarray(sd.pop(key)))
-        if value.dtype != dtype:
-            name = f"{value.dtype}->{np.dtype(dtype)}"
-            casts[name] = casts.get(name, 0) + 1
-        var.set_value(_to_device(value, dtype, owned=True))
-        del value
-    report.notes += [f"cast {n} tensors {c}" for c, n in casts.items()]
-    return report
 
 
 def materialize(model: nnx.Module, arch: str, num_classes: int | None = None, seed: int = 0,
@@ -268,7 +206,7 @@ def _fill_index(name: str, index: _Index, flat: Mapping[str, Any], ignore: tuple
                 f"{k} expected {list(e)} got {list(g)}" for k, e, g in report.mismatched))
         raise PortingError("\n".join(lines))
     for var, value, dtype in updates:
-        var.set_value(_to_device(value, dtype, owned=owned))
+        var.set_value(to_device(value, dtype, owned=owned))
     return report
 
 
@@ -546,9 +484,8 @@ def load_into_abstract(arch: str, data: Mapping[str, Any], *, torch_keys: bool, 
                          f"classes, the model {classes}; freshly initialised")
     try:
         if torch_keys:
-            report = _stream_load(index, data, tuple(ignore)) if consume else None
-            if report is None:
-                report = load_torch_state_dict(model, data, strict=True, ignore=tuple(ignore))
+            report = load_torch_state_dict(model, data, strict=True, ignore=tuple(ignore),
+                                           consume=consume)
         else:
             report = _fill_index(type(model).__name__, index, data, tuple(ignore),
                                  owned=consume)

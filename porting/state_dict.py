@@ -15,14 +15,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
 from porting.rules import rules_for, torch_key
 
 __all__ = ["PortingError", "LoadReport", "load_torch_state_dict", "to_torch_state_dict",
-           "flax_to_torch", "flax_variables", "to_numpy"]
+           "flax_to_torch", "flax_variables", "to_numpy", "to_device"]
 
 
 class PortingError(ValueError):
@@ -130,15 +130,25 @@ def _compile(patterns: Iterable[str]) -> list[re.Pattern]:
 
 
 def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                          strict: bool = True, ignore: Iterable[str] = ()) -> LoadReport:
+                          strict: bool = True, ignore: Iterable[str] = (),
+                          consume: bool = False) -> LoadReport:
     """Fill an NNX model in place from a torch state_dict.
 
+    Every key and shape is checked before anything is converted; then the
+    tensors are converted and moved to the device one at a time.
+
     Args:
-      model: the model, e.g. from ``jaxnets.create_model``.
+      model: the model, e.g. from ``jaxnets.create_model`` (or a shape-only
+        model from ``porting.pretrained.build_abstract``).
       state_dict: torch key -> torch tensor or numpy array.
       strict: raise unless every key matches (as ``torch.nn.Module.load_state_dict``).
       ignore: regexes (``re.search``) of torch keys to leave out on purpose on
         both sides, e.g. ``(r"^fc\\.",)`` to keep a freshly initialised head.
+      consume: the state_dict (a mutable mapping of numpy arrays) is handed
+        over: each loaded entry is removed from it as it is converted and its
+        memory may be adopted by the model without a copy, so a load's peak
+        memory stays near one checkpoint instead of two. It is only touched
+        once the checks have passed.
 
     Returns:
       A ``LoadReport``.
@@ -146,7 +156,7 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     Raises:
       PortingError: with ``strict`` and any missing or unexpected key, or
         always on a shape mismatch; it names every offending key and the
-        model is left unchanged.
+        model (and a consumed state_dict) is left unchanged.
     """
     if not isinstance(state_dict, Mapping):
         raise PortingError(f"expected a state_dict mapping, got {type(state_dict).__name__}")
@@ -154,8 +164,7 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     ignored = lambda k: any(p.search(k) for p in ignore_re)  # noqa: E731
     index = _torch_index(model)
     report = LoadReport()
-    updates = []
-    casts: dict[str, int] = {}
+    plan = []
     for key, (path, var, layout) in index.items():
         if ignored(key):
             report.ignored.append(key)
@@ -163,27 +172,66 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
         if key not in state_dict:
             report.missing.append(key)
             continue
-        array = to_numpy(state_dict[key])
         current = var.get_value()
         want = layout.torch_shape(tuple(current.shape))
-        if tuple(array.shape) != want:
-            report.mismatched.append((key, want, tuple(array.shape)))
+        got = tuple(np.shape(state_dict[key]))
+        if got != want:
+            report.mismatched.append((key, want, got))
             continue
-        value = layout.from_torch(array)
-        if value.dtype != current.dtype:
-            casts[f"{value.dtype}->{current.dtype}"] = casts.get(
-                f"{value.dtype}->{current.dtype}", 0) + 1
-        updates.append((var, value, current.dtype))
+        plan.append((key, var, layout, current.dtype))
         report.loaded.append(key)
     for key in state_dict:
         if key not in index:
             (report.ignored if ignored(key) else report.unexpected).append(key)
-    report.notes += [f"cast {n} tensors {c}" for c, n in casts.items()]
     if report.mismatched or (strict and not report.ok):
         raise PortingError(_mismatch_message(model, report, len(state_dict)))
-    for var, value, dtype in updates:
-        var.set_value(jnp.asarray(value).astype(dtype))
+    casts: dict[str, int] = {}
+    for key, var, layout, dtype in plan:
+        value = layout.from_torch(to_numpy(state_dict.pop(key) if consume else state_dict[key]))
+        if value.dtype != dtype:
+            name = f"{value.dtype}->{np.dtype(dtype)}"
+            casts[name] = casts.get(name, 0) + 1
+        var.set_value(to_device(value, dtype, owned=consume))
+        del value
+    report.notes += [f"cast {n} tensors {c}" for c, n in casts.items()]
     return report
+
+
+_ALIGN = 64
+
+
+def _aligned_copy(array: np.ndarray, dtype: Any) -> np.ndarray:
+    """A C-contiguous copy on a 64-byte boundary, which ``jax.device_put`` on CPU
+    adopts without copying again."""
+    dtype = np.dtype(dtype)
+    nbytes = array.size * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    out = raw[start:start + nbytes].view(dtype).reshape(array.shape)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+
+def to_device(value: np.ndarray, dtype: Any, *, owned: bool) -> jax.Array:
+    """A host array on the default device as ``dtype``.
+
+    Args:
+      value: the array.
+      dtype: the dtype wanted.
+      owned: nobody else holds ``value``: it may be adopted without a copy.
+        Arrays that are not owned are always copied here, on the host: the
+        caller's array (often a torch tensor's memory) stays independent of
+        the model. ``jax.device_put(may_alias=False)`` is not enough for that
+        on CPU: the transfer is asynchronous and was seen to read the array
+        after the caller had changed it.
+
+    Returns:
+      The device array.
+    """
+    value = np.asarray(value)
+    if owned and value.dtype == dtype and value.flags.c_contiguous:
+        return jax.device_put(value, may_alias=True)
+    return jax.device_put(_aligned_copy(value, dtype), may_alias=True)
 
 
 def _mismatch_message(model, report: LoadReport, n_given: int) -> str:

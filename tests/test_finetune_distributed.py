@@ -160,6 +160,83 @@ def test_bf16_run_matches_fp32_accuracy_and_saves_fp32_params(tmp_path, capsys):
     assert dtypes == {"float32"}, dtypes
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _final_params(run_dir):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from train.checkpoint import Checkpointer
+
+    ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    step = max(ck.steps())
+    # Saved across the devices of another topology: read onto this process's device.
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+        os.path.join(ck.directory, str(step), "state"),
+        args=ocp.args.StandardRestore(fallback_sharding=here))
+    return step, {k: np.asarray(v) for k, v in state["params"].items()}
+
+
+def test_cli_on_two_processes_matches_one_process_with_two_devices(tmp_path):
+    """``train.finetune`` itself under ``jax.distributed``: two CPU processes on
+    127.0.0.1 (one device each) against one process with two devices, same
+    global batches. Covers per-process data shards, the eval gather across
+    processes, Orbax's collective checkpoint save and process-0-only output."""
+    cmd = [sys.executable, "-m", "train.finetune", *LENET, "--steps", "20", "--batch-size",
+           "32", "--eval-batch-size", "64"]
+    multi_dir = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        cmd + ["--output-dir", multi_dir, "--coordinator", f"127.0.0.1:{port}",
+               "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    (out0, err0), (out1, err1) = outs
+    # Only process 0 prints: the run line, the result.
+    assert "2 device(s) in 2 process(es)" in err0 and "device(s)" not in err1, (err0, err1)
+    # (Gloo's own connection line comes from C++ in every process.)
+    out1 = [line for line in out1.splitlines() if not line.startswith("[Gloo]")]
+    assert "val top-1" in out0 and out1 == [], (out0, out1)
+
+    single_dir = str(tmp_path / "single")
+    proc = subprocess.run(cmd + ["--output-dir", single_dir], cwd=REPO, env=_env(2),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 device(s) in 1 process(es)" in proc.stderr
+
+    from train.data import load_dataset
+
+    multi, single = _summary(multi_dir), _summary(single_dir)
+    # The gathered evaluation counts every val image once.
+    assert multi["val_count"] == single["val_count"] == len(
+        load_dataset("digits", split="val", seed=0))
+    assert multi["step"] == single["step"] == 20
+    assert multi["val_top1"] > 0.2, multi  # trained (chance is 0.1): the comparison means something
+    assert abs(multi["val_top1"] - single["val_top1"]) <= 1 / multi["val_count"], (multi, single)
+    assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4), (multi, single)
+    # The checkpoint both processes saved together is the one-process result.
+    step_m, params_m = _final_params(multi_dir)
+    step_s, params_s = _final_params(single_dir)
+    assert step_m == step_s == 20 and set(params_m) == set(params_s)
+    for k in params_s:
+        np.testing.assert_allclose(params_m[k], params_s[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes, --process-id"),
     (["--num-processes", "2", "--process-id", "0"], "--num-processes, --process-id needs "

@@ -29,6 +29,31 @@ def test_loads_torch_tensors_and_numpy_arrays(lenet_pair):
     np.testing.assert_array_equal(model.fc3.bias[...], numpy_sd["fc3.bias"])
 
 
+def test_loaded_model_does_not_share_memory_with_the_state_dict():
+    """The model is independent of the tensors it was loaded from: a torch
+    train-mode forward after the load (which updates BatchNorm buffers in
+    place) must not change the jax model. jax.device_put(may_alias=False) was
+    seen to read the buffer after such a change, so the walker copies on the host.
+    """
+    torch.manual_seed(0)
+    tmodel = build_torch_model("resnet18_cifar")
+    sd = tmodel.state_dict()
+    model = jaxnets.create_model("resnet18_cifar")
+    load_torch_state_dict(model, sd)
+    before = {k: np.array(v) for k, v in to_torch_state_dict(model).items()}
+    with torch.no_grad():
+        for v in sd.values():
+            v.add_(1)  # in place, as a BatchNorm update or an optimizer step would
+    after = to_torch_state_dict(model)
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    # A consumed (handed-over) numpy state_dict is emptied as it is loaded.
+    owned = {k: v.numpy().copy() for k, v in tmodel.state_dict().items()}
+    n = len(owned)
+    report = load_torch_state_dict(model, owned, consume=True)
+    assert len(report.loaded) == n and owned == {}
+
+
 def test_fp16_checkpoint_is_cast_and_reported(lenet_pair):
     tmodel, model = lenet_pair
     sd = {k: v.half() for k, v in tmodel.state_dict().items()}
