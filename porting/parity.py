@@ -43,7 +43,8 @@ import numpy as np
 from flax import nnx
 
 import jaxnets
-from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict
+from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict, \
+    to_numpy, to_torch_state_dict
 
 __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity"]
 
@@ -230,6 +231,38 @@ def compare_grads_fp32(name: str, got: dict, want32: dict, want64: dict) -> Quan
     q.note = (f"vs float64 torch: jax fp32 {j64.max_rel:.2e}, torch fp32 {t64.max_rel:.2e} "
               "(worst tensor, relative; reported, not judged)")
     return q
+
+
+def compare_round_trip(fmodel, torch_state: dict) -> Quantity:
+    """The export direction: ``to_torch_state_dict`` of the loaded model must give
+    back the torch state_dict it was loaded from, bit for bit, same keys, shapes
+    and dtypes.
+
+    Args:
+      fmodel: the NNX model, loaded from ``torch_state``.
+      torch_state: the torch model's ``state_dict()``.
+
+    Returns:
+      A ``Quantity`` with bound 0 on the absolute error; keys, shapes or dtypes
+      that differ are listed as failed.
+    """
+    back = to_torch_state_dict(fmodel)
+    failed = sorted(set(back) ^ set(torch_state))
+    max_abs = 0.0
+    worst = ""
+    for k in sorted(set(back) & set(torch_state)):
+        want = to_numpy(torch_state[k])
+        got = back[k]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            failed.append(f"{k} ({got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)})")
+            continue
+        if not np.array_equal(got, want, equal_nan=True):
+            err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            failed.append(k)
+            if err >= max_abs:
+                max_abs, worst = err, k
+    return Quantity("round trip torch->jax->torch", max_abs, 0.0, 0.0, "abs", worst,
+                    failed=failed, note="" if failed else f"{len(back)} tensors bit-exact")
 
 
 def _outputs(y) -> list:
@@ -440,6 +473,7 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
 
     overrides = dict(overrides or {})
     spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, size, batch)
+    round_trip = compare_round_trip(fmodel, tmodel.state_dict())
     fp32_grads = fp32_grads and grads
     # The train-mode pass updates BatchNorm buffers; keep their starting values
     # for a float64 re-run of the outputs (only the buffers: cheap).
@@ -484,7 +518,7 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                                        grads=False))
         return cache64
 
-    qs = outs("eval") + outs("train")
+    qs = [round_trip] + outs("eval") + outs("train")
     if want["stats"]:
         q = compare_arrays("BN running stats", got["stats"], want["stats"], tol=REL_TOL, on="rel")
         if not q.passed:

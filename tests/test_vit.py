@@ -125,8 +125,13 @@ def test_interpolate_pos_embedding_same_size_and_errors():
 # once for all of them, where jit compiles the unrolled network (measured 2x slower here).
 
 
+GRAD_CASES = [("vit_b_16", 1), ("vit_b_32", 2)]
+LARGE_ARCHS = ["vit_l_16", "vit_l_32", "vit_h_14"]
+PARITY_ARCHS = [arch for arch, _ in GRAD_CASES] + LARGE_ARCHS
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,batch", [("vit_b_16", 1), ("vit_b_32", 2)])
+@pytest.mark.parametrize("arch,batch", GRAD_CASES)
 def test_parity_with_float64_gradients(arch, batch):
     sd = random_state_dict(torchvision_shapes(arch), seed=1)
     result = run_parity(arch, batch=batch, state_dict=sd, grads=True, jit=False)
@@ -151,7 +156,7 @@ sys.exit(0 if result.passed else 3)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vit_l_16", "vit_l_32", "vit_h_14"])
+@pytest.mark.parametrize("arch", LARGE_ARCHS)
 def test_parity_large_outputs(arch):
     # A fresh process per model: vit_h_14 needs ~9 GB at its peak (bf16 checkpoint,
     # torch and jax fp32 models, run_parity's exported copy), on top of nothing that
@@ -163,6 +168,7 @@ def test_parity_large_outputs(arch):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "eval logits" in proc.stdout and "FAIL" not in proc.stdout
+    assert "round trip torch->jax->torch" in proc.stdout and "tensors bit-exact" in proc.stdout
 
 
 @pytest.mark.slow
