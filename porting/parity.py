@@ -58,6 +58,9 @@ REL_TOL = 1e-4
 FP32_NOISE_FACTOR = 3.0
 # Denominator floor for per-tensor gradient errors, relative to the model's largest gradient.
 GRAD_SCALE_FLOOR = 1e-6
+# BatchNorm with running statistics (as when fine-tuning with frozen
+# statistics), and with batch statistics.
+GRAD_MODES = ("eval", "train")
 
 
 @dataclasses.dataclass
@@ -194,15 +197,20 @@ def compare_arrays(name: str, got: dict[str, Any], want: dict[str, Any], *, tol:
                        f"only torch {sorted(set(want) - set(got))[:5]}")
     max_abs = max_rel = 0.0
     worst = ""
-    floor = scale_floor * max((float(np.max(np.abs(np.asarray(v)))) for v in want.values()
-                               if np.size(v)), default=0.0)
     for k in want:
-        a = np.asarray(got[k], np.float64)
-        b = np.asarray(want[k], np.float64)
-        if a.shape != b.shape:
-            raise ValueError(f"{name} {k}: shape {a.shape} vs torch {b.shape}")
+        if np.shape(got[k]) != np.shape(want[k]):
+            raise ValueError(f"{name} {k}: shape {np.shape(got[k])} vs torch {np.shape(want[k])}")
+    # One pass per tensor for its scale (these can be 100M-element VGG gradients).
+    scales = {k: float(np.max(np.abs(want[k]))) if np.size(want[k]) else 0.0 for k in want}
+    floor = scale_floor * max(scales.values(), default=0.0)
+    for k in want:
+        a, b = np.asarray(got[k]), np.asarray(want[k])
+        if a.dtype != np.float64:
+            a = a.astype(np.float64)
+        if b.dtype != np.float64:
+            b = b.astype(np.float64)
         err = float(np.max(np.abs(a - b))) if a.size else 0.0
-        scale = max(float(np.max(np.abs(b))) if b.size else 0.0, floor)
+        scale = max(scales[k], floor)
         rel = err / scale if scale > 0 else err
         if (rel if on == "rel" else err) >= (max_rel if on == "rel" else max_abs):
             worst = k
@@ -292,52 +300,58 @@ def _loss_weights(shapes, seed, dtype):
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
 
 
-def _torch_side(tmodel, x, batch: int, seed: int, grads: bool = True) -> dict:
-    """Eval outputs and eval-mode grads; train outputs, statistics and train-mode grads."""
+def _torch_side(tmodel, x, batch: int, seed: int, grads: Sequence[str] = GRAD_MODES) -> dict:
+    """Eval outputs and eval-mode grads; train outputs, statistics and train-mode grads
+    (gradients only for the modes in ``grads``)."""
     import torch
 
-    def backward(ys, seed_, scale):
-        if not grads:
+    def backward(ys, seed_, scale, mode):
+        if mode not in grads:
             return {}
         rs = _loss_weights([tuple(o.shape) for o in ys], seed_, np.float64)
         (sum((o * torch.from_numpy(r).to(o.dtype)).sum() for o, r in zip(ys, rs)) / scale
          ).backward()
-        result = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters()
+        # The arrays keep their gradient tensors alive: zero_grad(set_to_none)
+        # only drops the model's references.
+        result = {k: p.grad.numpy() for k, p in tmodel.named_parameters()
                   if p.grad is not None}
         tmodel.zero_grad(set_to_none=True)
         return result
 
     out = {}
     tmodel.eval()
-    with torch.set_grad_enabled(grads):
+    with torch.set_grad_enabled("eval" in grads):
         y = _outputs(tmodel(x))
-    out["eval_grads"] = backward(y, seed, 1)
+    out["eval_grads"] = backward(y, seed, 1, "eval")
     out["eval"] = [o.detach().numpy() for o in y]
     tmodel.train()
-    with torch.set_grad_enabled(grads):
+    with torch.set_grad_enabled("train" in grads):
         y = _outputs(tmodel(x))
-    out["train_grads"] = backward(y, seed + 7, batch)
+    out["train_grads"] = backward(y, seed + 7, batch, "train")
     out["train"] = [o.detach().numpy() for o in y]
     out["stats"] = {k: b.numpy().copy() for k, b in tmodel.named_buffers() if "running" in k}
     return out
 
 
-def _jax_side(fmodel, x, batch: int, seed: int, jit: bool, grads: bool = True) -> dict:
+def _jax_side(fmodel, x, batch: int, seed: int, jit: bool,
+              grads: Sequence[str] = GRAD_MODES) -> dict:
     """The same computations as ``_torch_side`` on the NNX model."""
     def loss(m, xb, seed_, scale):
         ys = _outputs(m(xb))
         rs = _loss_weights([tuple(o.shape) for o in ys], seed_, np.float64)
         return sum(jnp.sum(o * jnp.asarray(r, o.dtype)) for o, r in zip(ys, rs)) / scale, ys
 
+    def forward(m, xb, mode, seed_, scale):
+        if mode not in grads:
+            return _outputs(m(xb)), None
+        (_, ys), g = nnx.value_and_grad(loss, has_aux=True)(m, xb, seed_, scale)
+        return ys, g
+
     def compute(m, xb):
         m.eval()
-        if not grads:
-            y_eval = _outputs(m(xb))
-            m.train()
-            return y_eval, None, _outputs(m(xb)), None
-        (_, y_eval), g_eval = nnx.value_and_grad(loss, has_aux=True)(m, xb, seed, 1)
+        y_eval, g_eval = forward(m, xb, "eval", seed, 1)
         m.train()
-        (_, y_train), g_train = nnx.value_and_grad(loss, has_aux=True)(m, xb, seed + 7, batch)
+        y_train, g_train = forward(m, xb, "train", seed + 7, batch)
         return y_eval, g_eval, y_train, g_train
 
     if jit:
@@ -357,7 +371,7 @@ def _jax_side(fmodel, x, batch: int, seed: int, jit: bool, grads: bool = True) -
         if g is None:
             return {}
         flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(g)}
-        return flax_to_torch(fmodel, flat)
+        return flax_to_torch(fmodel, flat, contiguous=False)
 
     return {"eval": [np.asarray(o) for o in y_eval], "eval_grads": torch_layout(g_eval),
             "train": [np.asarray(o) for o in y_train], "train_grads": torch_layout(g_train),
@@ -442,7 +456,7 @@ def _to_float64(fmodel):
 
 def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                state_dict: dict | None = None, seed: int = 0, jit: bool = True,
-               grads: bool = True, fp32_grads: bool = False,
+               grads: bool | Sequence[str] = True, fp32_grads: bool = False,
                overrides: dict | None = None) -> ParityResult:
     """Port a torch model to jaxnets and compare the two.
 
@@ -459,8 +473,10 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
       state_dict: torch weights to use instead of a random initialisation.
       seed: seed for the weights, the statistics, the input and the loss.
       jit: run the jax side under ``jax.jit`` (one compile per pass).
-      grads: compare gradients (the float64 pass); False checks outputs and
-        statistics only, for models too large to run in float64 here.
+      grads: compare gradients (the float64 pass) in both modes (True), in
+        the modes named (``("train",)``: BatchNorm with batch statistics, the
+        one check that covers every parameter), or not at all (False: outputs
+        and statistics only, for models too large to run in float64 here).
       fp32_grads: also compute and report fp32 gradients.
       overrides: constructor options passed to both models.
 
@@ -472,9 +488,13 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
     import torch
 
     overrides = dict(overrides or {})
+    modes = GRAD_MODES if grads is True else tuple(grads or ())
+    if not set(modes) <= set(GRAD_MODES):
+        raise ValueError(f"grads: modes must be among {GRAD_MODES}, got {modes}")
+    grads = bool(modes)
     spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, size, batch)
     round_trip = compare_round_trip(fmodel, tmodel.state_dict())
-    fp32_grads = fp32_grads and grads
+    fp32_modes = modes if fp32_grads else ()
     # The train-mode pass updates BatchNorm buffers; keep their starting values
     # for a float64 re-run of the outputs (only the buffers: cheap).
     start_buffers = {k: b.clone() for k, b in tmodel.named_buffers()}
@@ -483,13 +503,13 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
         with jax.enable_x64(True):
             f64 = _to_float64(fmodel)
     x, x_torch = _inputs(spec, fmodel, size, batch, seed)
-    want = _torch_side(tmodel, x_torch, batch, seed, grads=fp32_grads)
-    got = _jax_side(fmodel, jnp.asarray(x), batch, seed, jit, grads=fp32_grads)
+    want = _torch_side(tmodel, x_torch, batch, seed, grads=fp32_modes)
+    got = _jax_side(fmodel, jnp.asarray(x), batch, seed, jit, grads=fp32_modes)
     if grads:
-        want64 = _torch_side(t64, x_torch.to(torch.float64), batch, seed)
+        want64 = _torch_side(t64, x_torch.to(torch.float64), batch, seed, grads=modes)
         del t64
         with jax.enable_x64(True):
-            got64 = _jax_side(f64, jnp.asarray(x, jnp.float64), batch, seed, jit)
+            got64 = _jax_side(f64, jnp.asarray(x, jnp.float64), batch, seed, jit, grads=modes)
         del f64
 
     def outs(tag):
@@ -515,7 +535,7 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
             t = copy.deepcopy(tmodel)
             t.load_state_dict(start_buffers, strict=False)
             cache64.update(_torch_side(t.double(), x_torch.to(torch.float64), batch, seed,
-                                       grads=False))
+                                       grads=()))
         return cache64
 
     qs = [round_trip] + outs("eval") + outs("train")
@@ -530,18 +550,18 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                       "own error)")
             q.failed = [] if ours <= max(q.tol, FP32_NOISE_FACTOR * theirs) else [q.worst]
         qs.append(q)
-    for mode in ("eval", "train") if grads else ():
+    for mode in modes:
         tag = f"BN {mode}" if want["stats"] else f"{mode} mode"
         g64 = {k: v for k, v in got64[f"{mode}_grads"].items() if k in want64[f"{mode}_grads"]}
         qs.append(compare_arrays(f"grads fp64 ({tag})", g64, want64[f"{mode}_grads"],
                                  tol=REL_TOL, on="rel", scale_floor=GRAD_SCALE_FLOOR))
-        if fp32_grads:
+        if mode in fp32_modes:
             g32 = {k: v for k, v in got[f"{mode}_grads"].items() if k in want[f"{mode}_grads"]}
             qs.append(compare_grads_fp32(f"grads fp32 ({tag})", g32, want[f"{mode}_grads"],
                                          want64[f"{mode}_grads"]))
     n_params = sum(1 for _ in tmodel.parameters())
     # Every parameter takes part in train mode (auxiliary heads are idle in eval mode).
-    if grads and len(want64["train_grads"]) != n_params:
+    if "train" in modes and len(want64["train_grads"]) != n_params:
         raise AssertionError(f"{arch}: only {len(want64['train_grads'])} of {n_params} torch "
                              "parameters received a gradient")
     return ParityResult(arch, tuple(x.shape), qs)

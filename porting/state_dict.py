@@ -253,12 +253,16 @@ def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
     return "\n".join(lines)
 
 
-def flax_to_torch(model_or_class, flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def flax_to_torch(model_or_class, flat: Mapping[str, Any], *,
+                  contiguous: bool = True) -> dict[str, np.ndarray]:
     """Map a flat ``{flax_path: array}`` (e.g. gradients) to torch keys and layouts.
 
     Args:
       model_or_class: the model (or its class) whose rule table applies.
       flat: dotted flax paths to arrays.
+      contiguous: return C-contiguous arrays, as torch wants them; False
+        returns (possibly transposed) views, which is enough to compare values
+        and saves a copy of every kernel.
 
     Returns:
       torch key -> numpy array in torch layout.
@@ -269,7 +273,8 @@ def flax_to_torch(model_or_class, flat: Mapping[str, Any]) -> dict[str, np.ndarr
         key, layout = torch_key(path, rules)
         array = layout.to_torch(np.asarray(value))
         # Not np.ascontiguousarray: it turns 0-d arrays (num_batches_tracked) into 1-d.
-        out[key] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        copy = contiguous and not array.flags.c_contiguous
+        out[key] = np.ascontiguousarray(array) if copy else array
     return out
 
 

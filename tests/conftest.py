@@ -46,3 +46,25 @@ def _release_memory_after_big_tests(request):
         jax.clear_caches()
         if _LIBC is not None:
             _LIBC.malloc_trim(0)
+
+
+# Tests that hold several GB at their peak (full-size ViT-L/H, float64 VGG
+# gradients). Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test
+# command) they all run on one worker, one after another, so two of them never
+# share the machine's memory; everything else is spread over the workers.
+BIG_MEMORY = (
+    "test_vit.py::test_parity_large_outputs",
+    "test_vit.py::test_parity_with_float64_gradients",
+    "test_vit.py::test_vit_b_16_at_384",
+)
+
+
+def _big_memory(nodeid: str) -> bool:
+    vgg_grads = "test_parity_with_torchvision[vgg" in nodeid and "-grads" in nodeid
+    return vgg_grads or any(tag in nodeid for tag in BIG_MEMORY)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _big_memory(item.nodeid):
+            item.add_marker(pytest.mark.xdist_group("big-memory"))
