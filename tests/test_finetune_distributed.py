@@ -226,7 +226,8 @@ def test_cli_on_two_processes_matches_one_process_with_two_devices(tmp_path):
     assert multi["val_count"] == single["val_count"] == len(
         load_dataset("digits", split="val", seed=0))
     assert multi["step"] == single["step"] == 20
-    assert multi["val_top1"] > 0.2, multi  # trained (chance is 0.1): the comparison means something
+    # Trained (chance: top-1 0.1, loss ln 10 = 2.303), so the comparison means something.
+    assert multi["val_loss"] < 2.25, multi
     assert abs(multi["val_top1"] - single["val_top1"]) <= 1 / multi["val_count"], (multi, single)
     assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4), (multi, single)
     # The checkpoint both processes saved together is the one-process result.
