@@ -187,12 +187,15 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
         raise PortingError(_mismatch_message(model, report, len(state_dict)))
     casts: dict[str, int] = {}
     for key, var, layout, dtype in plan:
-        value = layout.from_torch(to_numpy(state_dict.pop(key) if consume else state_dict[key]))
+        raw = state_dict.pop(key) if consume else state_dict[key]
+        value = layout.from_torch(to_numpy(raw))
         if value.dtype != dtype:
             name = f"{value.dtype}->{np.dtype(dtype)}"
             casts[name] = casts.get(name, 0) + 1
-        var.set_value(to_device(value, dtype, owned=consume))
-        del value
+        # Only a handed-over numpy array is adopted: a torch tensor's memory may
+        # still belong to a live torch model.
+        var.set_value(to_device(value, dtype, owned=consume and isinstance(raw, np.ndarray)))
+        del value, raw
     report.notes += [f"cast {n} tensors {c}" for c, n in casts.items()]
     return report
 
