@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 import jaxnets
-from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict, \
+from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict, slabs, \
     to_numpy, to_torch_state_dict
 
 __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity"]
@@ -170,6 +170,27 @@ def randomize_torch_model(model, seed: int = 0, calibration_input=None) -> None:
             m.num_batches_tracked.zero_()
 
 
+def _max_abs(a: np.ndarray, b: np.ndarray | None = None) -> float:
+    """``max |a - b|`` (``max |a|`` without ``b``) in float64; ``inf`` where a NaN meets.
+
+    Slab by slab (``porting.state_dict.slabs``) along the transposed side's
+    outer axis: no full-size float64 temporaries, and cache-friendly when one
+    side is a transposed view (a jax kernel seen in torch layout).
+    """
+    if a.size == 0:
+        return 0.0
+    lead = b if b is not None and a.flags.c_contiguous else a
+    worst = 0.0
+    for index in slabs(lead):
+        d = np.abs(a[index], dtype=np.float64) if b is None else np.abs(
+            np.subtract(a[index], b[index], dtype=np.float64))
+        m = float(np.max(d))
+        if m != m:  # NaN: Python's max() would drop it
+            return float("inf")
+        worst = max(worst, m)
+    return worst
+
+
 def compare_arrays(name: str, got: dict[str, Any], want: dict[str, Any], *, tol: float,
                    on: str, scale_floor: float = 0.0) -> Quantity:
     """Reduce the errors of matching tensors to one ``Quantity``.
@@ -201,17 +222,13 @@ def compare_arrays(name: str, got: dict[str, Any], want: dict[str, Any], *, tol:
         if np.shape(got[k]) != np.shape(want[k]):
             raise ValueError(f"{name} {k}: shape {np.shape(got[k])} vs torch {np.shape(want[k])}")
     # One pass per tensor for its scale (these can be 100M-element VGG gradients).
-    scales = {k: float(np.max(np.abs(want[k]))) if np.size(want[k]) else 0.0 for k in want}
+    scales = {k: _max_abs(np.asarray(want[k])) for k in want}
     floor = scale_floor * max(scales.values(), default=0.0)
     for k in want:
-        a, b = np.asarray(got[k]), np.asarray(want[k])
-        if a.dtype != np.float64:
-            a = a.astype(np.float64)
-        if b.dtype != np.float64:
-            b = b.astype(np.float64)
-        err = float(np.max(np.abs(a - b))) if a.size else 0.0
+        err = _max_abs(np.asarray(got[k]), np.asarray(want[k]))
         scale = max(scales[k], floor)
-        rel = err / scale if scale > 0 else err
+        rel = err / scale if scale > 0 and np.isfinite(scale) else (
+            float("inf") if scale > 0 else err)
         if (rel if on == "rel" else err) >= (max_rel if on == "rel" else max_abs):
             worst = k
         max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
@@ -241,6 +258,15 @@ def compare_grads_fp32(name: str, got: dict, want32: dict, want64: dict) -> Quan
     return q
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality of two arrays of one dtype and shape (NaN payloads and
+    the sign of zero included); ~40x faster than ``array_equal(equal_nan=True)``."""
+    if a.dtype.itemsize not in (1, 2, 4, 8):
+        return bool(np.array_equal(a, b))
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    return bool(np.array_equal(a.view(bits), b.view(bits)))
+
+
 def compare_round_trip(fmodel, torch_state: dict) -> Quantity:
     """The export direction: ``to_torch_state_dict`` of the loaded model must give
     back the torch state_dict it was loaded from, bit for bit, same keys, shapes
@@ -264,7 +290,7 @@ def compare_round_trip(fmodel, torch_state: dict) -> Quantity:
         if got.shape != want.shape or got.dtype != want.dtype:
             failed.append(f"{k} ({got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)})")
             continue
-        if not np.array_equal(got, want, equal_nan=True):
+        if not _same_bits(got, want):
             err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
             failed.append(k)
             if err >= max_abs:

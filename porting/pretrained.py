@@ -48,8 +48,8 @@ from porting import hub
 from porting.pth import load_state_dict_file
 from porting.rules import rules_for, torch_key
 from porting.safetensors_io import load_safetensors, save_safetensors
-from porting.state_dict import LoadReport, PortingError, flax_variables, load_torch_state_dict, \
-    to_device
+from porting.state_dict import LoadReport, PortingError, as_contiguous, flax_variables, \
+    load_torch_state_dict, to_device
 from porting.weights import UnknownWeightsError, Weights, get_weights
 
 __all__ = ["CONVERTED_FORMAT", "from_torchvision", "load_torchvision", "converted_cache_dir",
@@ -525,7 +525,7 @@ def _write_cache(entry: Path, w: Weights, model: nnx.Module, report: LoadReport,
             if key in loaded:
                 flat[path] = np.asarray(var.get_value())
             else:
-                flat[path] = np.ascontiguousarray(layout.from_torch(sd[key]))
+                flat[path] = as_contiguous(layout.from_torch(sd[key]))
     meta = {"arch": w.arch, "weights": w.spec, "url": w.url, "hash_prefix": w.hash_prefix,
             "num_classes": w.num_classes, "model_overrides": w.model_overrides,
             "source": str(source)}

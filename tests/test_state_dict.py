@@ -140,3 +140,39 @@ def test_exported_state_dict_loads_strictly_into_torch_and_counts_batches():
     result = tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert int(tmodel.bn1.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("shape,perm", [
+    ((300, 700), (1, 0)),  # a Linear kernel: slabs along the source's outer axis
+    ((70, 33, 3, 5), (2, 3, 1, 0)),  # OIHW -> HWIO
+    ((5, 3, 600, 40), (0, 2, 1, 3)),
+    ((7,), (0,)),
+    ((), ()),  # num_batches_tracked stays 0-d
+])
+@pytest.mark.parametrize("dtype", [None, np.float64])
+def test_as_contiguous_equals_numpy_for_transposed_views(shape, perm, dtype):
+    from porting.state_dict import _SLAB_MIN, as_contiguous
+
+    src = np.random.default_rng(0).standard_normal(shape).astype(np.float32).transpose(perm)
+    got = as_contiguous(src, dtype)
+    want = np.array(src, dtype=dtype or src.dtype, order="C")
+    assert got.flags.c_contiguous and got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    if src.size >= _SLAB_MIN and not src.flags.c_contiguous:
+        assert not np.shares_memory(got, src)
+    if dtype is None and src.flags.c_contiguous:
+        assert got is src  # nothing to do
+
+
+def test_round_trip_check_is_bitwise():
+    from porting.parity import _same_bits
+
+    a = np.array([0.0, 1.5, np.nan], np.float32)
+    assert _same_bits(a, a.copy())
+    assert not _same_bits(a, np.array([-0.0, 1.5, np.nan], np.float32))  # sign of zero
+    other_nan = a.copy()
+    other_nan.view(np.uint32)[2] ^= 1  # another NaN payload
+    assert np.isnan(other_nan[2]) and not _same_bits(a, other_nan)
+    big = np.random.default_rng(0).standard_normal((300, 700)).astype(np.float32)
+    assert _same_bits(big.T, np.ascontiguousarray(big.T))  # views compare by value
+    assert _same_bits(np.array(3, np.int64), np.array(3, np.int64))
