@@ -1,8 +1,31 @@
 """Shared test settings: deterministic CPU runs with full fp32 precision."""
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache for the run, made by the first process that loads this file
+# (pytest, or xdist's controller) and inherited by the xdist workers and by every
+# subprocess a test starts: the CLI, multi-device and multi-process tests compile the
+# same small training steps again and again (measured: 17% off those tests' time).
+# A fresh folder per run, removed at its end; a cache the user set is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jaxnets-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+# numpy asks for transparent huge pages for big arrays; on a machine whose memory is
+# fragmented (this one, after a few GB-sized models) the kernel then compacts memory
+# on first touch: a fresh 400 MB transposed copy was measured at 1.35 s instead of 0.36 s.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+if "numpy" in sys.modules:  # imported before this file: switch it off directly
+    sys.modules["numpy"]._core.multiarray._set_madvise_hugepage(
+        os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
 
 import jax  # noqa: E402
 

@@ -5,8 +5,7 @@ statistics and affine terms randomised), checks the export back bit for bit,
 and compares eval and train-mode outputs (the auxiliary heads' too, in
 training mode) and BatchNorm statistics (<= 1e-4); cases with ``grads`` also
 compare every parameter's gradient, with the model in training mode, in
-float64 (see porting/parity.py). Every model gets one float64 gradient check
-except the deeper VGGs (see ``VGG_GRADS``).
+float64 (see porting/parity.py). Every model gets one float64 gradient check.
 
 Sizes are chosen so that the pooling corner cases happen: AlexNet/VGG inputs
 whose final feature map does not divide 6x6/7x7 (adaptive pooling with uneven,
@@ -29,12 +28,10 @@ from porting.state_dict import PortingError, flax_variables, load_torch_state_di
 
 NO_AUX = {"aux_logits": False}
 
-# The float64 gradient check of a VGG holds ~10 GB at its peak (133M+
-# parameters, float64 copies and gradients on both sides, eval and train), so
-# it runs for VGG-11 with and without BatchNorm only: the deeper variants are
-# other rows of the same cfg table, built and run by the same code, and their
-# outputs and statistics are still compared at two sizes.
-VGG_GRADS = ("vgg11", "vgg11_bn")
+# Every VGG gets the float64 gradient check at its second (small) size: 133M+
+# parameters in float64 on both sides, their gradients and the comparisons peak
+# at ~7 GB (tests/conftest.py runs these one at a time).
+VGG_GRADS = tuple(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn"))
 
 # (arch, size, batch, grads, overrides)
 CASES = [
