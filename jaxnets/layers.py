@@ -73,6 +73,63 @@ class Sequential(nnx.List):
         return x
 
 
+def _spatial_kernel_exceeds_input(lhs_shape, rhs_shape, rhs_dilation) -> bool:
+    """An input side longer than 1 and shorter than the (dilated) kernel's."""
+    return any(1 < size < d * (k - 1) + 1
+               for size, k, d in zip(lhs_shape[1:3], rhs_shape[:2], rhs_dilation))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None, **kwargs):
+    """``jax.lax.conv_general_dilated`` with a detour around a slow XLA:CPU case.
+
+    XLA:CPU convolves an input whose height or width is above 1 but below the
+    kernel's (a 3x3 conv, padding 1, on a 2x2 map: ResNet's last stage at 64 px,
+    VGG's last block at 32 px) 20-100x slower than any other shape: 3 GFLOP/s against
+    100-250 (measured on this machine's 2 cores; ``resnet18_cifar`` at 16x16 ran a
+    train step 10x slower than torch because of it). There, on CPU, the convolution
+    is computed from its shifted input slices with one ``einsum`` (im2col); its
+    gradient is slices, pads and matmuls. Everywhere else this is ``lax``'s.
+    """
+    rhs_dilation = tuple(rhs_dilation or (1, 1))
+    nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
+            and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
+            and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
+    if (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
+            and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
+            and kwargs.get("batch_group_count", 1) == 1 and jax.default_backend() == "cpu"
+            and _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation)):
+        return _conv_by_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
+                                rhs_dilation, feature_group_count, precision,
+                                preferred_element_type)
+    if preferred_element_type is not None:
+        kwargs["preferred_element_type"] = preferred_element_type
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision, **kwargs)
+
+
+def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
+                     preferred_element_type):
+    """An NHWC x HWIO convolution as input slices (one per kernel tap) and an einsum."""
+    n, h, wd, c = x.shape
+    kh, kw, cin_g, cout = w.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    (pt, pb), (pl, pr) = padding
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    taps = [xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    patches = jnp.stack(taps, axis=3).reshape(n, oh, ow, kh * kw, groups, cin_g)
+    kernel = w.reshape(kh * kw, cin_g, groups, cout // groups)
+    y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,
+                   preferred_element_type=preferred_element_type)
+    return y.reshape(n, oh, ow, cout)
+
+
 def conv2d(
     in_channels: int,
     out_channels: int,
@@ -118,6 +175,7 @@ def conv2d(
         use_bias=bias,
         kernel_init=init,
         bias_init=torch_default_init(fan_in),
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 
@@ -252,10 +310,47 @@ def max_pool2d(x: jax.Array, kernel_size, stride=None, padding=0, *, ceil_mode: 
     s = _pair(stride if stride is not None else kernel_size)
     p = _pair(padding)
     (oh, ow), pads = _pool_pads(x, k, s, p, ceil_mode)
+    if k == s and p == (0, 0) and oh * k[0] <= x.shape[1] and ow * k[1] <= x.shape[2]:
+        return _max_pool_tiles(x, k, oh, ow)
     # A concrete numpy init lets JAX pick the differentiable max-pool primitive.
     init = np.array(-np.inf, x.dtype)
     y = jax.lax.reduce_window(x, init, jax.lax.max, (1, *k, 1), (1, *s, 1), pads)
     return y[:, :oh, :ow, :]
+
+
+@jax.custom_jvp
+def _first_max(t: jax.Array) -> jax.Array:
+    """``max`` over the last axis whose derivative is that of the *first* maximum.
+
+    torch's max-pool gives a window's whole gradient to the first maximum in it
+    (row-major); ``jnp.max``'s derivative would share it among tied maxima, which
+    happen wherever a flat image region meets a constant bias.
+    """
+    return jnp.max(t, axis=-1)
+
+
+@_first_max.defjvp
+def _first_max_jvp(primals, tangents):
+    (t,), (dt,) = primals, tangents
+    first = jnp.argmax(t, axis=-1)  # the first maximum (a NaN counts as one, as in torch)
+    pick = jnp.arange(t.shape[-1]) == first[..., None]
+    return jnp.max(t, axis=-1), jnp.sum(jnp.where(pick, dt, jnp.zeros_like(dt)), axis=-1)
+
+
+def _max_pool_tiles(x: jax.Array, k: tuple[int, int], oh: int, ow: int) -> jax.Array:
+    """Max-pool over windows that tile the input (kernel == stride, no padding).
+
+    A reshape and a reduction instead of ``reduce_window``: XLA:CPU's
+    ``reduce_window``/``select_and_scatter`` pair is slow (LeNet-5's fp32 train step
+    measured 12.1 ms with it, 8.5 ms with tiles; VGG's pools and GoogLeNet's last
+    2x2 pool are tiles too). Same values and, through ``_first_max``, the same
+    gradients as torch.
+    """
+    n, _, _, c = x.shape
+    kh, kw = k
+    t = x[:, :oh * kh, :ow * kw].reshape(n, oh, kh, ow, kw, c)
+    t = t.transpose(0, 1, 3, 5, 2, 4).reshape(n, oh, ow, c, kh * kw)
+    return _first_max(t)
 
 
 def _avg_divisor(size, k, s, p, out, count_include_pad):

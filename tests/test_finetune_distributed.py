@@ -139,16 +139,18 @@ def test_bf16_run_matches_fp32_accuracy_and_saves_fp32_params(tmp_path, capsys):
 
     from train.checkpoint import Checkpointer
 
-    common = LENET + ["--epochs", "8", "--batch-size", "64", "--seed", "1"]
-    results = {}
-    for precision in ("fp32", "bf16"):
-        run_dir = str(tmp_path / precision)
-        assert finetune.main(common + ["--precision", precision, "--output-dir", run_dir]) == 0
-        results[precision] = _summary(run_dir)
+    from bench.precision import compare
+
+    # bench.precision's runner: the same two runs that `python -m bench.precision` makes.
+    results = compare(LENET + ["--epochs", "8", "--batch-size", "64", "--seed", "1"],
+                      str(tmp_path))
     capsys.readouterr()
     fp32, bf16 = results["fp32"]["val_top1"], results["bf16"]["val_top1"]
     assert fp32 > 0.9, results  # a trained model, so the comparison is meaningful
     assert abs(bf16 - fp32) <= 0.01, results
+    assert results["drop_points"] == pytest.approx(100 * (fp32 - bf16), abs=0.01)
+    with pytest.raises(ValueError, match="--precision"):
+        compare(LENET + ["--precision", "bf16"], str(tmp_path))
     with open(os.path.join(str(tmp_path / "bf16"), "config.json")) as f:
         assert json.load(f)["precision"] == "bf16"
 

@@ -66,6 +66,11 @@ def _pool_configs(rng, n):
         ((14, 14), (3, 3), (1, 1), (1, 1), True),    # GoogLeNet branch4
         ((1, 1), (1, 1), (1, 1), (0, 0), False),
         ((4, 11), (2, 3), (1, 2), (1, 0), True),
+        # Windows that tile the input (kernel == stride, no padding): max_pool2d's reshape path.
+        ((32, 32), (2, 2), (2, 2), (0, 0), False),   # LeNet-5, VGG
+        ((7, 9), (2, 2), (2, 2), (0, 0), False),     # floor mode drops the last row/column
+        ((8, 9), (2, 3), (2, 3), (0, 0), True),      # ceil mode, nothing left over
+        ((9, 9), (2, 2), (2, 2), (0, 0), True),      # ceil mode, partial windows: reduce_window
     ]
     configs = list(named)
     while len(configs) < n + len(named):
@@ -86,6 +91,23 @@ def test_max_pool2d_matches_torch():
         _compare(lambda v: max_pool2d(v, k, s, p, ceil_mode=ceil),
                  lambda t: F.max_pool2d(t, k, s, p, ceil_mode=ceil),
                  x, rng, tol=0, what=f"max_pool2d {hw} k={k} s={s} p={p} ceil={ceil}")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_tiled_max_pool2d_gives_tied_maxima_gradient_to_the_first_like_torch(k):
+    # Flat regions (a blank background after a conv with bias, ReLU zeros) give windows
+    # of equal maxima; torch sends the whole gradient to the first of them.
+    rng = np.random.default_rng(3)
+    x = np.round(rng.standard_normal((2, 6 * k, 4 * k, 3)), 0).astype(np.float32)
+    x[:, :k, :k] = 0.5  # whole windows tied
+    _compare(lambda v: max_pool2d(v, k), lambda t: F.max_pool2d(t, k), x, rng, tol=0,
+             what=f"tied maxima k={k}")
+    # Forward mode works too (the rule is a custom JVP): the tangent of the first maximum.
+    dx = np.zeros_like(x)
+    dx[0, 0, 0, 0] = 1.0  # first element of a tied window
+    dx[0, 0, 1, 0] = 10.0  # a later tied element: not the chosen one
+    _, dy = jax.jvp(lambda v: max_pool2d(v, k), (jnp.asarray(x),), (jnp.asarray(dx),))
+    assert float(dy[0, 0, 0, 0]) == 1.0 and float(jnp.sum(dy)) == 1.0
 
 
 def test_max_pool2d_stride_defaults_to_kernel():
@@ -221,3 +243,33 @@ def test_sequential_paths_and_order():
         want = tconv(tnet(_nchw(x)) * 2.0).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.asarray(net(jnp.asarray(x))), want, atol=1e-5, rtol=0)
     assert len(net.features) == 5 and net.features[1] is jax.nn.relu
+
+
+@pytest.mark.parametrize("hw,k,stride,padding,dilation,groups", [
+    ((2, 2), 3, 1, 1, 1, 1),      # ResNet's last stage at 64 px: the slow XLA:CPU case
+    ((2, 3), 3, 2, 1, 1, 4),      # strided, grouped (ResNeXt)
+    ((4, 2), 5, 1, 2, 1, 1),
+    ((3, 3), 3, 1, 2, 2, 1),      # dilated: a 5x5 footprint over a 3x3 map
+    ((2, 7), (3, 1), 1, (1, 0), 1, 2),  # only the height is short
+    ((5, 5), 3, 1, 1, 1, 1),      # not short: lax's convolution
+])
+def test_conv2d_on_maps_smaller_than_the_kernel_matches_torch(hw, k, stride, padding,
+                                                              dilation, groups):
+    from jaxnets import layers
+
+    rng = np.random.default_rng(4)
+    cin, cout = 8, 12
+    conv = conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups,
+                  rngs=nnx.Rngs(0))
+    tconv = torch.nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups)
+    conv.kernel.set_value(jnp.asarray(tconv.weight.detach().numpy().transpose(2, 3, 1, 0)))
+    conv.bias.set_value(jnp.asarray(tconv.bias.detach().numpy()))
+    x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        _compare(conv, tconv, x, rng, tol=1e-5, what=f"conv2d {hw} k={k}")
+        ops = str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(jnp.asarray(x)))
+    short = layers._spatial_kernel_exceeds_input(x.shape, conv.kernel.shape,
+                                                 conv.kernel_dilation)
+    assert short == (hw != (5, 5))
+    # The detour (CPU only) has no convolution in its forward or backward pass.
+    assert ("conv_general_dilated" in ops) == (not short or jax.default_backend() != "cpu")
