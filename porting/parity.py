@@ -46,7 +46,8 @@ import jaxnets
 from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict, slabs, \
     to_numpy, to_torch_state_dict
 
-__all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity"]
+__all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity",
+           "run_parity_inputs"]
 
 # Thresholds: outputs absolute; statistics and gradients relative to the
 # tensor's largest magnitude (a gradient of 1e3 cannot be held to 1e-4 absolute
@@ -509,6 +510,42 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
     Returns:
       The ``ParityResult``.
     """
+    return run_parity_inputs(arch, [(size, batch)], state_dict=state_dict, seed=seed, jit=jit,
+                             grads=grads, fp32_grads=fp32_grads, overrides=overrides)[0]
+
+
+def _stat_values(fmodel) -> dict:
+    return {p: v.get_value() for p, v in flax_variables(fmodel).items()
+            if isinstance(v, nnx.BatchStat)}
+
+
+def _restore_stats(fmodel, values: dict) -> None:
+    variables = flax_variables(fmodel)
+    for path, value in values.items():
+        variables[path].set_value(value)
+
+
+def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, int]], *,
+                      state_dict: dict | None = None, seed: int = 0, jit: bool = True,
+                      grads: bool | Sequence[str] = True, fp32_grads: bool = False,
+                      overrides: dict | None = None) -> list[ParityResult]:
+    """``run_parity`` at several input sizes, with one build of the two models.
+
+    The models (and, with ``grads``, their float64 copies) are built, ported
+    and checked for the round trip once; every ``(size, batch)`` of ``inputs``
+    then starts from the same weights and BatchNorm statistics. For big models
+    (VGG: 133M+ parameters) the build and the float64 copies cost more than
+    the passes themselves.
+
+    Args:
+      arch: registry name.
+      inputs: ``(size, batch)`` pairs; ``size`` None is the spec's default.
+        The first one also calibrates the random BatchNorm statistics.
+      state_dict, seed, jit, grads, fp32_grads, overrides: as in ``run_parity``.
+
+    Returns:
+      One ``ParityResult`` per input, in order (each starts with the round trip).
+    """
     import copy
 
     import torch
@@ -517,26 +554,63 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
     modes = GRAD_MODES if grads is True else tuple(grads or ())
     if not set(modes) <= set(GRAD_MODES):
         raise ValueError(f"grads: modes must be among {GRAD_MODES}, got {modes}")
-    grads = bool(modes)
-    spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, size, batch)
+    if not inputs:
+        raise ValueError("inputs: give at least one (size, batch)")
+    spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, *inputs[0])
     round_trip = compare_round_trip(fmodel, tmodel.state_dict())
-    fp32_modes = modes if fp32_grads else ()
-    # The train-mode pass updates BatchNorm buffers; keep their starting values
-    # for a float64 re-run of the outputs (only the buffers: cheap).
+    # The train-mode pass updates BatchNorm buffers; every input starts from these
+    # (only the buffers: cheap), also the float64 re-runs of the outputs.
     start_buffers = {k: b.clone() for k, b in tmodel.named_buffers()}
-    if grads:
+    start_stats = _stat_values(fmodel)
+    t64 = f64 = None
+    if modes:
         t64 = copy.deepcopy(tmodel).double()
         with jax.enable_x64(True):
             f64 = _to_float64(fmodel)
+            start_stats64 = _stat_values(f64)
+    # The float64 models go as soon as the last input is done with them (peak memory).
+    models64 = [t64, f64]
+    del t64, f64
+    results = []
+    for i, (size, batch) in enumerate(inputs):
+        if i:
+            tmodel.load_state_dict(start_buffers, strict=False)
+            _restore_stats(fmodel, start_stats)
+            if modes:
+                models64[0].load_state_dict(start_buffers, strict=False)  # cast to float64
+                with jax.enable_x64(True):
+                    _restore_stats(models64[1], start_stats64)
+        qs = _compare_at(arch, spec, tmodel, fmodel, models64, i == len(inputs) - 1,
+                         start_buffers, size, batch, seed, jit, modes, fp32_grads)
+        results.append(ParityResult(arch, qs[0], [round_trip] + qs[1:]))
+    return results
+
+
+def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size, batch, seed,
+                jit, modes, fp32_grads) -> list:
+    """One input's passes and judgements: ``[input shape, *quantities]``.
+
+    ``models64`` is ``[torch float64 model, jax float64 model]``; on the ``last``
+    input each entry is dropped once its pass is done.
+    """
+    import copy
+
+    import torch
+
+    grads = bool(modes)
+    fp32_modes = modes if fp32_grads else ()
     x, x_torch = _inputs(spec, fmodel, size, batch, seed)
     want = _torch_side(tmodel, x_torch, batch, seed, grads=fp32_modes)
     got = _jax_side(fmodel, jnp.asarray(x), batch, seed, jit, grads=fp32_modes)
     if grads:
-        want64 = _torch_side(t64, x_torch.to(torch.float64), batch, seed, grads=modes)
-        del t64
+        want64 = _torch_side(models64[0], x_torch.to(torch.float64), batch, seed, grads=modes)
+        if last:
+            models64[0] = None
         with jax.enable_x64(True):
-            got64 = _jax_side(f64, jnp.asarray(x, jnp.float64), batch, seed, jit, grads=modes)
-        del f64
+            got64 = _jax_side(models64[1], jnp.asarray(x, jnp.float64), batch, seed, jit,
+                              grads=modes)
+        if last:
+            models64[1] = None
 
     def outs(tag):
         f, t = got[tag], want[tag]
@@ -564,7 +638,7 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                                        grads=()))
         return cache64
 
-    qs = [round_trip] + outs("eval") + outs("train")
+    qs = outs("eval") + outs("train")
     if want["stats"]:
         q = compare_arrays("BN running stats", got["stats"], want["stats"], tol=REL_TOL, on="rel")
         if not q.passed:
@@ -590,7 +664,7 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
     if "train" in modes and len(want64["train_grads"]) != n_params:
         raise AssertionError(f"{arch}: only {len(want64['train_grads'])} of {n_params} torch "
                              "parameters received a gradient")
-    return ParityResult(arch, tuple(x.shape), qs)
+    return [tuple(x.shape)] + qs
 
 
 def _num_classes(tmodel, spec) -> int | None:

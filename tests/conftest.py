@@ -24,8 +24,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 # on first touch: a fresh 400 MB transposed copy was measured at 1.35 s instead of 0.36 s.
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 if "numpy" in sys.modules:  # imported before this file: switch it off directly
-    sys.modules["numpy"]._core.multiarray._set_madvise_hugepage(
-        os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
+    _np = sys.modules["numpy"]
+    _set = getattr(getattr(getattr(_np, "_core", None) or getattr(_np, "core", None),
+                           "multiarray", None), "_set_madvise_hugepage", None)
+    if _set is not None:
+        _set(os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
 
 import jax  # noqa: E402
 

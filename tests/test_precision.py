@@ -60,7 +60,9 @@ def test_bf16_step_computes_in_bf16_and_keeps_fp32_state():
     tx = optax.sgd(0.1, momentum=0.9)
     opt_state = tx.init(params)
     step = dist.make_sharded_step(graphdef, tx, precision="bf16", donate=False)
-    images = jnp.zeros((2, 16, 16, 3), jnp.float32)
+    # 32x32: the last stage's maps are 4x4; at 16x16 they are 2x2, where the CPU build
+    # computes the 3x3 convolutions as matmuls (jaxnets.layers.conv_general_dilated).
+    images = jnp.zeros((2, 32, 32, 3), jnp.float32)
     labels = jnp.zeros((2,), jnp.int32)
     jaxpr = jax.make_jaxpr(step)(params, rest, opt_state, images, labels)
 
