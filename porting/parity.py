@@ -228,8 +228,10 @@ def compare_arrays(name: str, got: dict[str, Any], want: dict[str, Any], *, tol:
     for k in want:
         err = _max_abs(np.asarray(got[k]), np.asarray(want[k]))
         scale = max(scales[k], floor)
-        rel = err / scale if scale > 0 and np.isfinite(scale) else (
-            float("inf") if scale > 0 else err)
+        if not np.isfinite(scale):  # a NaN on torch's side
+            rel = float("inf")
+        else:
+            rel = err / scale if scale > 0 else err
         if (rel if on == "rel" else err) >= (max_rel if on == "rel" else max_abs):
             worst = k
         max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
@@ -292,7 +294,7 @@ def compare_round_trip(fmodel, torch_state: dict) -> Quantity:
             failed.append(f"{k} ({got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)})")
             continue
         if not _same_bits(got, want):
-            err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            err = _max_abs(got, want)
             failed.append(k)
             if err >= max_abs:
                 max_abs, worst = err, k
@@ -405,11 +407,22 @@ def _jax_side(fmodel, x, batch: int, seed: int, jit: bool,
             "stats": _running_stats(fmodel)}
 
 
+def _stat_values(fmodel) -> dict:
+    """flax path -> value of every ``nnx.BatchStat`` (BatchNorm statistics, batch counts)."""
+    return {p: v.get_value() for p, v in flax_variables(fmodel).items()
+            if isinstance(v, nnx.BatchStat)}
+
+
+def _restore_stats(fmodel, values: dict) -> None:
+    variables = flax_variables(fmodel)
+    for path, value in values.items():
+        variables[path].set_value(value)
+
+
 def _running_stats(fmodel) -> dict:
     """BatchNorm running statistics in torch naming (not the whole state_dict)."""
-    stats = {p: v.get_value() for p, v in flax_variables(fmodel).items()
-             if isinstance(v, nnx.BatchStat)}
-    return {k: v for k, v in flax_to_torch(fmodel, stats).items() if "running" in k}
+    stats = flax_to_torch(fmodel, _stat_values(fmodel))
+    return {k: v for k, v in stats.items() if "running" in k}
 
 
 def _build_pair(arch, overrides, state_dict, seed, size, batch):
@@ -514,17 +527,6 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                              grads=grads, fp32_grads=fp32_grads, overrides=overrides)[0]
 
 
-def _stat_values(fmodel) -> dict:
-    return {p: v.get_value() for p, v in flax_variables(fmodel).items()
-            if isinstance(v, nnx.BatchStat)}
-
-
-def _restore_stats(fmodel, values: dict) -> None:
-    variables = flax_variables(fmodel)
-    for path, value in values.items():
-        variables[path].set_value(value)
-
-
 def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, int]], *,
                       state_dict: dict | None = None, seed: int = 0, jit: bool = True,
                       grads: bool | Sequence[str] = True, fp32_grads: bool = False,
@@ -547,8 +549,6 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
       One ``ParityResult`` per input, in order (each starts with the round trip).
     """
     import copy
-
-    import torch
 
     overrides = dict(overrides or {})
     modes = GRAD_MODES if grads is True else tuple(grads or ())
