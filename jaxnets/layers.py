@@ -9,6 +9,7 @@ torch model computes lives here, so each difference is handled once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -79,18 +80,32 @@ def _spatial_kernel_exceeds_input(lhs_shape, rhs_shape, rhs_dilation) -> bool:
                for size, k, d in zip(lhs_shape[1:3], rhs_shape[:2], rhs_dilation))
 
 
+def _pointwise(rhs_shape) -> bool:
+    """A 1x1 kernel: the convolution is a matmul over the channels."""
+    return tuple(rhs_shape[:2]) == (1, 1)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None, **kwargs):
-    """``jax.lax.conv_general_dilated`` with a detour around a slow XLA:CPU case.
+    """``jax.lax.conv_general_dilated`` with detours around slow XLA:CPU cases.
 
-    XLA:CPU convolves an input whose height or width is above 1 but below the
-    kernel's (a 3x3 conv, padding 1, on a 2x2 map: ResNet's last stage at 64 px,
-    VGG's last block at 32 px) 20-100x slower than any other shape: 3 GFLOP/s against
-    100-250 (measured on this machine's 2 cores; ``resnet18_cifar`` at 16x16 ran a
-    train step 10x slower than torch because of it). There, on CPU, the convolution
-    is computed from its shifted input slices with one ``einsum`` (im2col); its
-    gradient is slices, pads and matmuls. Everywhere else this is ``lax``'s.
+    On CPU (only there), two kinds of NHWC convolution are computed from shifted
+    input slices with one ``einsum`` (im2col; the gradient is then slices, pads
+    and matmuls) instead of XLA's convolution:
+
+    * 1x1 kernels (ResNet-50's bottlenecks, every downsampling shortcut): XLA:CPU's
+      convolution is a slow matmul there, its weight gradient 5-10x slower than
+      the same contraction written as a matmul (56x56 maps, 64->256 channels,
+      batch 8: 45 ms against 6).
+    * An input whose height or width is above 1 but below the kernel's (a 3x3
+      conv, padding 1, on a 2x2 map: ResNet's last stage at 64 px, VGG's last
+      block at 32 px), which XLA:CPU runs 20-100x slower than any other shape:
+      3 GFLOP/s against 100-250 (``resnet18_cifar`` at 16x16 ran a train step
+      10x slower than torch because of it).
+
+    Measured on this project's 2-core development machine (``bench/conv_ops.py``
+    times each case). Everywhere else this is ``lax``'s convolution.
     """
     rhs_dilation = tuple(rhs_dilation or (1, 1))
     nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
@@ -99,7 +114,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
             and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
             and kwargs.get("batch_group_count", 1) == 1 and jax.default_backend() == "cpu"
-            and _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation)):
+            and (_pointwise(rhs.shape)
+                 or _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation))):
         return _conv_by_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
                                 rhs_dilation, feature_group_count, precision,
                                 preferred_element_type)
@@ -246,12 +262,10 @@ class BatchNorm(nnx.Module):
         x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
+            xhat = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         else:
-            axes = tuple(range(x.ndim - 1))
-            n = math.prod(x.shape[a] for a in axes)
-            mean = jnp.mean(x32, axis=axes)
-            # Two-pass variance: E[x^2]-E[x]^2 loses digits that torch keeps.
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            n = math.prod(x.shape[:-1])
+            xhat, mean, var = _normalize(x32, self.eps)
             m = self.momentum
             unbiased = var * (n / max(n - 1, 1))
             stat = self.mean[...].dtype
@@ -263,10 +277,41 @@ class BatchNorm(nnx.Module):
             self.var.set_value(((1 - m) * self.var[...]
                                 + m * jax.lax.stop_gradient(unbiased)).astype(stat))
             self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = xhat
         if self.scale is not None:
             y = y * self.scale[...] + self.bias[...]
         return y.astype(dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _normalize(x: jax.Array, eps: float):
+    """Batch normalisation over all axes but the last: ``(xhat, mean, biased var)``.
+
+    With the closed form of its derivative as a custom JVP, linear in the
+    tangent, so reverse mode (its transpose) is two fused reductions and one
+    elementwise pass, where autodiff of the two-pass variance makes several
+    (measured on CPU: a train-mode BatchNorm + ReLU gradient at 8x56x56x256 took
+    45 ms by autodiff, 18 ms so; torch 32 ms). Forward mode works too.
+    """
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    # Two-pass variance: E[x^2]-E[x]^2 loses digits that torch keeps.
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    return (x - mean) * jax.lax.rsqrt(var + eps), mean, var
+
+
+@_normalize.defjvp
+def _normalize_jvp(eps, primals, tangents):
+    (x,), (t,) = primals, tangents
+    xhat, mean, var = _normalize(x, eps)
+    axes = tuple(range(x.ndim - 1))
+    rstd = jax.lax.rsqrt(var + eps)
+    t_mean = jnp.mean(t, axis=axes)
+    t_xhat = jnp.mean(t * xhat, axis=axes)  # d var = 2 (x - mean) t / n = 2 xhat t / (n rstd)
+    return ((xhat, mean, var),
+            (rstd * (t - t_mean - xhat * t_xhat), t_mean, 2.0 * t_xhat / rstd))
+
+
 
 
 def _pool_geometry(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:

@@ -208,6 +208,32 @@ def test_batchnorm_matches_torch_over_steps(momentum, eps, affine):
     assert int(fbn.num_batches_tracked[...]) == 4
 
 
+def test_batchnorm_derivative_rule_is_exact_in_both_modes():
+    """The train-mode normalisation's custom JVP (``layers._normalize``) against
+    autodiff of the plain formula, float64: all three outputs (normalised input,
+    mean, biased variance), forward mode and reverse mode."""
+    from jaxnets.layers import _normalize
+
+    def plain(x, eps):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) / jnp.sqrt(var + eps), mean, var
+
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 1)
+        t = jnp.asarray(rng.standard_normal(x.shape))
+        cts = tuple(jnp.asarray(rng.standard_normal(s)) for s in (x.shape, (6,), (6,)))
+        ours = jax.jvp(lambda v: _normalize(v, 1e-3), (x,), (t,))
+        want = jax.jvp(lambda v: plain(v, 1e-3), (x,), (t,))
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+        (g,) = jax.vjp(lambda v: _normalize(v, 1e-3), x)[1](cts)
+        (g_want,) = jax.vjp(lambda v: plain(v, 1e-3), x)[1](cts)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-10, atol=1e-12)
+        assert float(jnp.abs(g).max()) > 0.1
+
+
 def test_sequential_paths_and_order():
     rngs = nnx.Rngs(0)
 
@@ -252,9 +278,11 @@ def test_sequential_paths_and_order():
     ((3, 3), 3, 1, 2, 2, 1),      # dilated: a 5x5 footprint over a 3x3 map
     ((2, 7), (3, 1), 1, (1, 0), 1, 2),  # only the height is short
     ((5, 5), 3, 1, 1, 1, 1),      # not short: lax's convolution
+    ((5, 6), 1, 1, 0, 1, 1),      # 1x1: a matmul (ResNet-50's bottlenecks)
+    ((7, 6), 1, 2, 0, 1, 1),      # 1x1 stride 2: ResNet's downsampling shortcut
+    ((3, 4), 1, 2, 1, 1, 4),      # 1x1, padded, strided, grouped
 ])
-def test_conv2d_on_maps_smaller_than_the_kernel_matches_torch(hw, k, stride, padding,
-                                                              dilation, groups):
+def test_conv2d_detours_match_torch(hw, k, stride, padding, dilation, groups):
     from jaxnets import layers
 
     rng = np.random.default_rng(4)
@@ -270,6 +298,8 @@ def test_conv2d_on_maps_smaller_than_the_kernel_matches_torch(hw, k, stride, pad
         ops = str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(jnp.asarray(x)))
     short = layers._spatial_kernel_exceeds_input(x.shape, conv.kernel.shape,
                                                  conv.kernel_dilation)
-    assert short == (hw != (5, 5))
+    pointwise = k == 1
+    assert short == (hw != (5, 5) and not pointwise)
     # The detour (CPU only) has no convolution in its forward or backward pass.
-    assert ("conv_general_dilated" in ops) == (not short or jax.default_backend() != "cpu")
+    detour = short or pointwise
+    assert ("conv_general_dilated" in ops) == (not detour or jax.default_backend() != "cpu")
