@@ -43,3 +43,25 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["--arch", "lenet5", "--size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: lenet5 needs inputs of at least 32 pixels, got 8"
+
+
+def test_conv_ops_short_run(capsys):
+    """bench.conv_ops in its smoke mode: every shape timed three ways, finite and positive."""
+    from bench import conv_ops
+
+    rows = conv_ops.conv_rows(batch=1, size=8, repeat=1)
+    assert len(rows) == 8 and any("k1" in r["shape"] for r in rows)
+    for r in rows:
+        for key in ("lax", "jaxnets", "torch"):
+            assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
+    bn = conv_ops.batchnorm_rows(batch=1, size=8, repeat=1)
+    assert [r["shape"] for r in bn] == ["1x16x16x64", "1x8x8x256", "1x4x4x512", "1x2x2x1024"]
+    assert conv_ops.main(["--short"]) == 0
+    out = capsys.readouterr().out
+    assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
+    try:
+        conv_ops.main(["--size", "12"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--size 12 accepted")

@@ -1,0 +1,154 @@
+"""Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions and BatchNorm.
+
+    python -m bench.conv_ops [--batch 8] [--size 56] [--repeat 5] [--short]
+
+For each convolution shape (ResNet-50's at ``--size``, ``--size`` halved per
+stage) it times the forward pass, the input gradient and the weight gradient
+three ways: ``jax.lax.conv_general_dilated`` as XLA compiles it, the
+convolution ``jaxnets.layers.conv2d`` computes (on CPU a 1x1 kernel is a
+matmul there), and torch (channels-last, eager). Then a train-mode
+BatchNorm + ReLU gradient: autodiff of the plain formula, ``jaxnets.layers.BatchNorm``
+(a closed-form derivative rule) and torch. Medians in ms; the gradients include
+no forward pass on the jax side (XLA drops what the gradient does not need),
+torch's do (its autograd needs the forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnets.layers import BatchNorm, conv_general_dilated
+
+__all__ = ["conv_rows", "batchnorm_rows", "main"]
+
+_DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+def _median_ms(fn, *args, repeat: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def _shapes(size: int):
+    """(map side, in, out, kernel, stride, padding): ResNet-50's convolutions by stage."""
+    s = size
+    return [(s, 64, 256, 1, 1, 0), (s, 256, 64, 1, 1, 0), (s, 64, 64, 3, 1, 1),
+            (s, 256, 512, 1, 2, 0), (s // 2, 128, 128, 3, 1, 1), (s // 4, 1024, 256, 1, 1, 0),
+            (s // 4, 256, 256, 3, 1, 1), (s // 8, 512, 512, 3, 1, 1)]
+
+
+def conv_rows(batch: int, size: int, repeat: int) -> list[dict]:
+    """Timings of each convolution shape (see the module docstring)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for side, cin, cout, k, s, p in _shapes(size):
+        x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
+        out = (side + 2 * p - k) // s + 1
+        dy = jnp.asarray(rng.standard_normal((batch, out, out, cout)), jnp.float32)
+        row = {"shape": f"{side}x{side} {cin}->{cout} k{k} s{s}"}
+        for name, conv in (("lax", jax.lax.conv_general_dilated),
+                           ("jaxnets", conv_general_dilated)):
+            def f(x, w, conv=conv):
+                return conv(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=_DN)
+            fwd = jax.jit(f)
+            dx = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(v, w), x)[1](dy)[0])
+            dw = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(x, v), w)[1](dy)[0])
+            row[name] = [_median_ms(fwd, x, w, repeat=repeat),
+                         _median_ms(dx, x, w, dy, repeat=repeat),
+                         _median_ms(dw, x, w, dy, repeat=repeat)]
+        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
+        tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy()).contiguous(
+            memory_format=torch.channels_last)
+
+        def t_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
+
+        def t_grad(wrt):
+            y = torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
+            return torch.autograd.grad(y, wrt, tdy)
+
+        row["torch"] = [_median_ms(t_fwd, repeat=repeat),
+                        _median_ms(t_grad, tx, repeat=repeat),
+                        _median_ms(t_grad, tw, repeat=repeat)]
+        rows.append(row)
+    return rows
+
+
+def batchnorm_rows(batch: int, size: int, repeat: int) -> list[dict]:
+    """Train-mode BatchNorm + ReLU gradient (input and affine terms) per shape."""
+    import torch
+
+    def plain(x, scale, bias):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+    rows = []
+    for side, c in ((size * 2, 64), (size, 256), (size // 2, 512), (size // 4, 1024)):
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, side, side, c)),
+                        jnp.float32)
+        ones, zeros = jnp.ones(c), jnp.zeros(c)
+        g_plain = jax.jit(jax.grad(
+            lambda x, s, b: jnp.sum(jax.nn.relu(plain(x, s, b)) ** 2), argnums=(0, 1, 2)))
+        bn = BatchNorm(c)
+        g_ours = nnx.jit(lambda m, x: nnx.grad(
+            lambda m, x: jnp.sum(jax.nn.relu(m(x)) ** 2), argnums=(0, 1))(m, x))
+        tbn = torch.nn.BatchNorm2d(c).train()
+        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_()
+
+        def t_grad():
+            tbn.zero_grad()
+            (torch.relu(tbn(tx)) ** 2).sum().backward()
+
+        rows.append({"shape": f"{batch}x{side}x{side}x{c}",
+                     "autodiff": _median_ms(g_plain, x, ones, zeros, repeat=repeat),
+                     "jaxnets": _median_ms(g_ours, bn, x, repeat=repeat),
+                     "torch": _median_ms(t_grad, repeat=repeat)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=56, help="side of the first stage's maps")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per figure (median)")
+    p.add_argument("--short", action="store_true", help="batch 1, 8x8 maps, 1 call: a smoke run")
+    args = p.parse_args(argv)
+    if args.short:
+        args.batch, args.size, args.repeat = 1, 8, 1
+    if min(args.batch, args.size, args.repeat) < 1 or args.size % 8:
+        p.error("--batch and --repeat must be >= 1, --size a positive multiple of 8")
+    import torch
+
+    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+          f"batch {args.batch}; ms, medians of {args.repeat}")
+    print(f"{'convolution':<26} {'lax fwd/dx/dw':>22} {'jaxnets fwd/dx/dw':>22} "
+          f"{'torch fwd/dx/dw':>22}")
+    for r in conv_rows(args.batch, args.size, args.repeat):
+        cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in ("lax", "jaxnets", "torch")]
+        print(f"{r['shape']:<26} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22}")
+    print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")
+    for r in batchnorm_rows(args.batch, args.size, args.repeat):
+        print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
