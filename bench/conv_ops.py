@@ -16,13 +16,13 @@ torch's do (its autograd needs the forward).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench import train_step
 from jaxnets.layers import BatchNorm, conv_general_dilated
 
 __all__ = ["conv_rows", "batchnorm_rows", "main"]
@@ -31,13 +31,8 @@ _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO"
 
 
 def _median_ms(fn, *args, repeat: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    """``bench.train_step``'s timer: one warm-up call, then the median of ``repeat``."""
+    return train_step._median_ms(lambda: fn(*args), jax.block_until_ready, repeat, 1)
 
 
 def _shapes(size: int):
