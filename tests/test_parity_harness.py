@@ -57,3 +57,71 @@ def test_keys_and_shapes_must_match():
         compare_arrays("g", {"a": got}, {"b": want}, tol=1, on="abs")
     with pytest.raises(ValueError, match="shape"):
         compare_arrays("g", {"a": got}, {"a": want.T}, tol=1, on="abs")
+
+
+
+def test_repeated_blocks_compile_once_and_compute_what_the_model_computes(monkeypatch):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxnets.layers import BatchNorm
+    from porting import parity
+
+    class Block(nnx.Module):
+        def __init__(self, n, rngs):
+            self.fc = nnx.Linear(n, n, use_bias=False, rngs=rngs)  # a bias before BN: 0 grad
+            self.bn = BatchNorm(n)
+
+        def __call__(self, x):
+            return x + jnp.tanh(self.bn(self.fc(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            # Two structures: three blocks of width 4 and one of width 4 -> 6 widening.
+            self.blocks = nnx.List([Block(4, rngs) for _ in range(3)])
+            self.widen = nnx.Linear(4, 6, rngs=rngs)
+            self.last = Block(6, rngs)
+
+        def __call__(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.last(self.widen(x))
+
+    traced = []
+    call = Block.__call__
+
+    def counted(self, x):
+        traced.append(x.shape)
+        return call(self, x)
+
+    monkeypatch.setattr(Block, "__call__", counted)
+    plain, blocks = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+    assert Block in parity.repeated_block_types(blocks)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)), jnp.float32)
+
+    def loss(m, x):
+        return jnp.sum(m(x) ** 2)
+
+    want_loss, want = nnx.value_and_grad(loss)(plain, x)
+    assert len(traced) == 4
+    with parity.jit_repeated_blocks(blocks):
+        assert Block.__call__ is not counted
+        got_loss, got = nnx.value_and_grad(loss)(blocks, x)
+        # One trace per distinct block: the three identical ones share theirs.
+        assert len(traced) == 4 + 2, traced
+        # BatchNorm statistics come out of the compiled blocks.
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(blocks, nnx.BatchStat)),
+                                     nnx.to_flat_state(nnx.state(plain, nnx.BatchStat))):
+            np.testing.assert_allclose(a[...], b[...], rtol=1e-5, atol=1e-7, err_msg=str(path))
+        nnx.value_and_grad(loss)(blocks, x)
+        assert len(traced) == 6  # compiled: no new trace
+        assert int(blocks.last.bn.num_batches_tracked[...]) == 2
+    assert Block.__call__ is counted  # restored
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for (path, g), (_, w) in zip(nnx.to_flat_state(got), nnx.to_flat_state(want)):
+        w = np.asarray(w[...])  # fp32 rounding: relative to the tensor's largest entry
+        assert np.max(np.abs(np.asarray(g[...]) - w)) <= 1e-5 * np.max(np.abs(w)), path
+    # An exception inside restores the classes too.
+    with pytest.raises(RuntimeError), parity.jit_repeated_blocks(blocks):
+        raise RuntimeError("boom")
+    assert Block.__call__ is counted
