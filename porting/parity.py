@@ -448,9 +448,10 @@ def _run_block(call, graphdef, state, args):
 
 @contextlib.contextmanager
 def jit_repeated_blocks(model: nnx.Module):
-    """Within the block, every call of a ``repeated_block_types(model)`` module with
-    array arguments runs as one compiled program, shared by all instances with the same
-    structure and input shapes; calls nested in such a program are traced into it.
+    """Within the block, every call with array arguments of a module of a
+    ``repeated_block_types(model)`` class that defines ``__call__`` itself runs as one
+    compiled program, shared by all instances with the same structure and input shapes;
+    calls nested in such a program are traced into it.
 
     A network of N identical blocks then compiles each distinct block once, where
     ``jax.jit`` of the whole network compiles the N unrolled copies (ResNet-152's float64

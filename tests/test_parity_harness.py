@@ -77,7 +77,7 @@ def test_repeated_blocks_compile_once_and_compute_what_the_model_computes(monkey
 
     class Net(nnx.Module):
         def __init__(self, rngs):
-            # Two structures: three blocks of width 4 and one of width 4 -> 6 widening.
+            # Two block structures: three identical blocks of width 4, one of width 6.
             self.blocks = nnx.List([Block(4, rngs) for _ in range(3)])
             self.widen = nnx.Linear(4, 6, rngs=rngs)
             self.last = Block(6, rngs)
