@@ -59,7 +59,6 @@ def test_keys_and_shapes_must_match():
         compare_arrays("g", {"a": got}, {"a": want.T}, tol=1, on="abs")
 
 
-
 def test_repeated_blocks_compile_once_and_compute_what_the_model_computes(monkeypatch):
     import jax.numpy as jnp
     from flax import nnx
