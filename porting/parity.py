@@ -637,6 +637,10 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
         raise ValueError(f"grads: modes must be among {GRAD_MODES}, got {modes}")
     if not inputs:
         raise ValueError("inputs: give at least one (size, batch)")
+    for name, value in (("jit", jit), ("jit64", jit64)):
+        allowed = isinstance(value, bool) or value == "blocks"
+        if not (allowed or (name == "jit64" and value is None)):
+            raise ValueError(f"{name}: True, False or 'blocks', got {value!r}")
     spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, *inputs[0])
     round_trip = compare_round_trip(fmodel, tmodel.state_dict())
     # The train-mode pass updates BatchNorm buffers; every input starts from these

@@ -124,3 +124,12 @@ def test_repeated_blocks_compile_once_and_compute_what_the_model_computes(monkey
     with pytest.raises(RuntimeError), parity.jit_repeated_blocks(blocks):
         raise RuntimeError("boom")
     assert Block.__call__ is counted
+
+
+@pytest.mark.parametrize("kw", [{"jit": "block"}, {"jit64": "yes"}, {"jit": None}])
+def test_an_unknown_jit_mode_is_one_clear_error(kw):
+    from porting.parity import run_parity
+
+    name, value = next(iter(kw.items()))
+    with pytest.raises(ValueError, match=f"{name}: True, False or 'blocks', got {value!r}"):
+        run_parity("mlp", **kw)
