@@ -91,7 +91,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """``jax.lax.conv_general_dilated`` with detours around slow XLA:CPU cases.
 
     On CPU (only there), two kinds of NHWC convolution are computed from shifted
-    input slices with one ``einsum`` (im2col; the gradient is then slices, pads
+    input slices with one matmul (im2col; the gradient is then slices, pads
     and matmuls) instead of XLA's convolution:
 
     * 1x1 kernels (ResNet-50's bottlenecks, every downsampling shortcut): XLA:CPU's
@@ -129,16 +129,29 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
                      preferred_element_type):
-    """An NHWC x HWIO convolution as input slices (one per kernel tap) and an einsum."""
+    """An NHWC x HWIO convolution as input slices (one per kernel tap) and one matmul
+    (an einsum over the feature groups when there are several)."""
     n, h, wd, c = x.shape
     kh, kw, cin_g, cout = w.shape
     (sh, sw), (dh, dw) = strides, dilation
     (pt, pb), (pl, pr) = padding
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    taps = [xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
-            for i in range(kh) for j in range(kw)]
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if pt or pb or pl or pr else x
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):
+        taps = [xp]  # a 1x1 kernel at stride 1 reads every position: no slice
+    else:
+        taps = [xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh,
+                   j * dw:j * dw + (ow - 1) * sw + 1:sw]
+                for i in range(kh) for j in range(kw)]
+    if groups == 1:
+        # One matmul over (tap, channel), laid out as the HWIO kernel's rows: no
+        # transposes around it (the einsum below moves its unit axes around with a
+        # transpose and a copy each way, ~8 per 1x1 convolution of a gradient program).
+        patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=3)
+        return jax.lax.dot_general(patches, w.reshape(kh * kw * cin_g, cout),
+                                   (((3,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=preferred_element_type)
     patches = jnp.stack(taps, axis=3).reshape(n, oh, ow, kh * kw, groups, cin_g)
     kernel = w.reshape(kh * kw, cin_g, groups, cout // groups)
     y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,
