@@ -507,11 +507,10 @@ def _build_pair(arch, overrides, state_dict, seed, size, batch):
 
     spec = jaxnets.get_spec(arch)
     torch.manual_seed(seed)
-    tmodel = build_torch_model(arch, **overrides)
     if state_dict is not None:
-        tmodel.load_state_dict({k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
-                                for k, v in state_dict.items()}, strict=True)
+        tmodel = _torch_model_from(arch, overrides, state_dict)
     else:
+        tmodel = build_torch_model(arch, **overrides)
         _, calibration = _inputs(spec, tmodel, size, batch, seed + 1000)
         randomize_torch_model(tmodel, seed, calibration)
     _zero_dropout_torch(tmodel)
@@ -525,6 +524,29 @@ def _build_pair(arch, overrides, state_dict, seed, size, batch):
     materialize(fmodel, arch, num_classes, seed, **overrides)
     _zero_dropout_flax(fmodel)
     return spec, tmodel, fmodel
+
+
+def _torch_model_from(arch, overrides, state_dict):
+    """The torch reference holding ``state_dict``'s values in float32, built on the meta
+    device: torch's random initialisation, overwritten anyway, is skipped (ViT-H/14:
+    632M values, ~5 s). The model owns its tensors (the train-mode pass updates BatchNorm
+    buffers in place; the caller's state_dict stays as it was)."""
+    import torch
+
+    from porting.reference import build_torch_model
+
+    own = {}
+    for k, v in state_dict.items():
+        t = v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+        own[k] = t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
+    with torch.device("meta"):
+        tmodel = build_torch_model(arch, **overrides)
+    tmodel.load_state_dict(own, strict=True, assign=True)
+    if any(t.is_meta for t in [*tmodel.parameters(), *tmodel.buffers()]):
+        # A buffer the state_dict does not hold (not persistent): build it for real.
+        tmodel = build_torch_model(arch, **overrides)
+        tmodel.load_state_dict(own, strict=True)
+    return tmodel
 
 
 def _inputs(spec, model, size, batch, seed):

@@ -133,3 +133,23 @@ def test_an_unknown_jit_mode_is_one_clear_error(kw):
     name, value = next(iter(kw.items()))
     with pytest.raises(ValueError, match=f"{name}: True, False or 'blocks', got {value!r}"):
         run_parity("mlp", **kw)
+
+
+def test_given_weights_are_used_in_float32_and_left_as_they_were():
+    # With a state_dict the torch reference is built on the meta device and adopts float32
+    # copies of the values: its train-mode pass must not write BatchNorm statistics into
+    # the caller's tensors, and a bfloat16 checkpoint runs in float32.
+    import torch
+
+    from porting.parity import randomize_torch_model, run_parity
+    from porting.reference import build_torch_model
+
+    torch.manual_seed(3)
+    tmodel = build_torch_model("resnet18_cifar")
+    randomize_torch_model(tmodel, seed=3)
+    sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+          for k, v in tmodel.state_dict().items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    result = run_parity("resnet18_cifar", size=(32, 32), batch=2, state_dict=sd, grads=False)
+    assert result.passed, result.table()
+    assert all(torch.equal(sd[k], before[k]) and sd[k].dtype == before[k].dtype for k in sd)
