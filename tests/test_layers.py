@@ -305,8 +305,8 @@ def test_conv2d_detours_match_torch(hw, k, stride, padding, dilation, groups):
     assert ("conv_general_dilated" in ops) == (not detour or jax.default_backend() != "cpu")
     if detour and groups == 1 and jax.default_backend() == "cpu":
         # One matmul each way, no activation-sized transpose around it (the einsum this
-        # replaced had ~8 per 1x1 convolution in a gradient program: 523 transposes in
-        # GoogLeNet's, a third of its compile time).
+        # replaced had ~8 per 1x1 convolution in a gradient program, each one more kernel
+        # for XLA to compile and one more pass over memory).
         dn = jax.lax.conv_dimension_numbers(x.shape, conv.kernel.shape, ("NHWC", "HWIO", "NHWC"))
 
         def loss(v, w):
