@@ -85,6 +85,26 @@ def _pointwise(rhs_shape) -> bool:
     return tuple(rhs_shape[:2]) == (1, 1)
 
 
+def _output_positions(lhs_shape, rhs_shape, strides, padding, rhs_dilation) -> int:
+    """Batch times output height times width of an NHWC x HWIO convolution."""
+    n, out = lhs_shape[0], 1
+    for size, k, s, (lo, hi), d in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding,
+                                       rhs_dilation):
+        out *= max((size + lo + hi - d * (k - 1) - 1) // s + 1, 0)
+    return n * out
+
+
+# Below this many output positions (batch x height x width) XLA's own weight
+# gradient was as fast or faster than ``_conv_weight_grad`` on the development
+# machine (``python -m bench.conv_ops``, its "1-d dw" column: 14x14 maps, 256
+# channels, batch 8, 1568 positions: 8.9 ms against 10.1; 4x4 maps at batch 64:
+# 22.0 against 35.7; 8x8 at batch 64, 4096 positions: 36.9 against 28.7).
+_MIN_POSITIONS_FOR_WEIGHT_GRAD = 2048
+# float64 is left to XLA: its 1-d convolution in float64 is 15-45x slower than XLA's
+# own weight gradient (VGG's first layer at 224x224: 3.7 s against 0.3 s).
+_ROW_GRAD_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, preferred_element_type=None, **kwargs):
@@ -104,6 +124,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       3 GFLOP/s against 100-250 (``resnet18_cifar`` at 16x16 ran a train step
       10x slower than torch because of it).
 
+    Every other ungrouped NHWC convolution on CPU with at least
+    ``_MIN_POSITIONS_FOR_WEIGHT_GRAD`` output positions is XLA's, but its weight
+    gradient is ``_conv_weight_grad``'s (a custom JVP rule): XLA:CPU computes that
+    gradient as a convolution whose contracted features are the batch (8 at batch 8),
+    2-3x slower than a one-dimensional convolution over a whole row of the image
+    (3x3, 64 channels, 56x56 maps, batch 8: 49.7 ms against 16.4; torch 12.5 with
+    its forward pass).
+
     Measured on this project's 2-core development machine (``bench/conv_ops.py``
     times each case). Everywhere else this is ``lax``'s convolution.
     """
@@ -111,20 +139,123 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)
             and tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1)
             and tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
-    if (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
-            and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
-            and kwargs.get("batch_group_count", 1) == 1 and jax.default_backend() == "cpu"
-            and (_pointwise(rhs.shape)
-                 or _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation))):
-        return _conv_by_patches(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)),
-                                rhs_dilation, feature_group_count, precision,
-                                preferred_element_type)
+    cpu_nhwc = (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
+                and all(p >= 0 for pair in padding for p in pair)
+                and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
+                and kwargs.get("batch_group_count", 1) == 1 and jax.default_backend() == "cpu")
+    if cpu_nhwc:
+        strides, pads = tuple(window_strides), tuple(map(tuple, padding))
+        if (_pointwise(rhs.shape)
+                or _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation)):
+            return _conv_by_patches(lhs, rhs, strides, pads, rhs_dilation, feature_group_count,
+                                    precision, preferred_element_type)
+        if (feature_group_count == 1 and lhs.dtype in _ROW_GRAD_DTYPES and _output_positions(
+                lhs.shape, rhs.shape, strides, pads, rhs_dilation)
+                >= _MIN_POSITIONS_FOR_WEIGHT_GRAD):
+            return _conv_row_grad(lhs, rhs, strides, pads, rhs_dilation, precision,
+                                  preferred_element_type)
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, **kwargs)
+
+
+def _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type):
+    """``lax``'s NHWC x HWIO convolution."""
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_row_grad(x, w, strides, padding, dilation, precision, preferred_element_type):
+    """``lax``'s convolution, with ``_conv_weight_grad`` as its kernel gradient.
+
+    The JVP rule is XLA's for the input tangent; for the kernel tangent it is the
+    transpose of ``_conv_weight_grad`` (``jax.linear_transpose``), so reverse mode,
+    transposing it back, computes the kernel gradient by ``_conv_weight_grad``.
+    Forward mode, ``vmap`` and higher derivatives work as for any jax function.
+    """
+    return _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type)
+
+
+def _conv_row_grad_jvp(strides, padding, dilation, precision, pet, primals, tangents):
+    (x, w), (tx, tw) = primals, tangents
+    y = _lax_conv(x, w, strides, padding, dilation, precision, pet)
+    ty = None
+    if type(tx) is not jax.custom_derivatives.SymbolicZero:  # a frozen input: no work
+        ty = _lax_conv(tx, w, strides, padding, dilation, precision, pet)
+    if type(tw) is not jax.custom_derivatives.SymbolicZero:  # a frozen kernel: no work
+        grad_w = functools.partial(_conv_weight_grad, x, kernel=w, strides=strides,
+                                   padding=padding, dilation=dilation, precision=precision,
+                                   preferred_element_type=pet)
+        by_kernel, = jax.linear_transpose(grad_w, jax.ShapeDtypeStruct(y.shape, y.dtype))(tw)
+        ty = by_kernel if ty is None else ty + by_kernel
+    return y, (jnp.zeros_like(y) if ty is None else ty)
+
+
+_conv_row_grad.defjvp(_conv_row_grad_jvp, symbolic_zeros=True)
+
+
+def _conv_weight_grad(x, dy, kernel, strides, padding, dilation, precision,
+                      preferred_element_type, form=None):
+    """The kernel gradient of an NHWC x HWIO convolution, as one 1-d convolution.
+
+    ``dw[a, b, i, o] = sum over n, p, q of xpad[n, p*sh + a*dh, q*sw + b*dw, i] dy[n, p, q, o]``.
+    Along the width this is a 1-d convolution (kernel: ``dy``'s rows; output: the
+    kernel's ``b``); the height and the batch become its contracted features, and
+    the kernel row ``a`` goes into one of its other axes:
+
+    * form "A": into its batch, beside the input channels: the input is copied
+      once per kernel row (its strided rows ``p*sh + a*dh``), ``dy`` is only
+      transposed. Best when the input is small next to ``dy`` (a 3-channel stem) or
+      the stride is above 1.
+    * form "B": into its output features, beside the output channels: ``dy`` is
+      copied once per kernel row, shifted down ``a*dh`` rows (with ``sh - 1`` zero
+      rows between its own at a stride), the input is only transposed. Best at
+      stride 1 (ResNet's 3x3 convolutions).
+
+    ``kernel`` gives the gradient's shape and dtype (an array or a
+    ``jax.ShapeDtypeStruct``); ``x`` is cast to ``dy``'s dtype first, as lax's own
+    rule does. ``form`` picks one (for tests); None picks by the rule above.
+    """
+    if x.dtype != dy.dtype:
+        x = x.astype(dy.dtype)
+    n, _, _, c = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    (pt, pb), (pl, pr) = padding
+    _, oh, ow, _ = dy.shape
+    hn = (kh - 1) * dh + (oh - 1) * sh + 1  # padded rows and columns the kernel reads
+    wn = (kw - 1) * dw + (ow - 1) * sw + 1
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))[:, :hn, :wn]
+    if form is None:
+        form = "A" if sh > 1 or kh * x.size < dy.size else "B"
+    # The batch stays the major part of the contracted features, so a batch sharded
+    # over devices (data parallel) stays sharded: partial sums, then one all-reduce.
+    dyt = jnp.transpose(dy, (2, 0, 1, 3))  # (q, n, p, o)
+    if form == "A":
+        rows = jnp.stack([xp[:, a * dh:a * dh + (oh - 1) * sh + 1:sh] for a in range(kh)])
+        lhs = jnp.transpose(rows, (0, 4, 3, 1, 2)).reshape(kh * c, wn, n * oh)
+        rhs = dyt.reshape(ow, n * oh, cout)
+    else:
+        lhs = jnp.transpose(xp, (3, 2, 0, 1)).reshape(c, wn, n * hn)
+        zero = jnp.zeros((), dy.dtype)
+        rhs = jnp.stack([jax.lax.pad(dyt, zero, ((0, 0, 0), (0, 0, 0),
+                                                 (a * dh, hn - a * dh - (oh - 1) * sh - 1, sh - 1),
+                                                 (0, 0, 0)))
+                         for a in range(kh)], axis=3).reshape(ow, n * hn, kh * cout)
+    out = jax.lax.conv_general_dilated(lhs, rhs, (dw,), ((0, 0),), rhs_dilation=(sw,),
+                                       dimension_numbers=("NWC", "WIO", "NWC"),
+                                       precision=precision,
+                                       preferred_element_type=preferred_element_type)[:, :kw]
+    if form == "A":
+        out = out.reshape(kh, c, kw, cout).transpose(0, 2, 1, 3)
+    else:
+        out = out.reshape(c, kw, kh, cout).transpose(2, 1, 0, 3)
+    return out.astype(kernel.dtype)
 
 
 def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,

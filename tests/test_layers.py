@@ -7,6 +7,8 @@ Inputs are distinct values (a random permutation) so the max-pool gradient is
 not decided by tie-breaking, which is implementation-defined.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -318,3 +320,91 @@ def test_conv2d_detours_match_torch(hw, k, stride, padding, dilation, groups):
         moved = [e for e in jaxpr.eqns if e.primitive.name == "transpose"
                  and e.outvars[0].aval.size > conv.kernel.size]
         assert not moved, moved
+
+
+# (n, h, w, cin, cout, kernel, stride, padding, dilation)
+_WEIGHT_GRAD_CASES = [
+    (2, 9, 11, 3, 5, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),   # ResNet's 3x3
+    (2, 12, 10, 4, 6, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # strided
+    (1, 15, 15, 3, 4, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # the 7x7/2 stem
+    (2, 10, 13, 3, 2, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),  # dilated
+    (2, 9, 9, 2, 3, (5, 5), (3, 3), ((0, 0), (0, 0)), (1, 1)),    # rows left unread
+    (2, 8, 9, 2, 3, (3, 2), (2, 1), ((1, 0), (2, 1)), (1, 2)),    # asymmetric everything
+    (2, 11, 8, 2, 3, (1, 7), (1, 1), ((0, 0), (3, 3)), (1, 1)),   # Inception v3's 1x7
+    (2, 11, 8, 2, 3, (7, 1), (1, 2), ((3, 3), (0, 0)), (1, 1)),   # ... and 7x1
+]
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_conv_weight_grad_is_lax_kernel_gradient(form):
+    """``layers._conv_weight_grad`` (the kernel gradient of CPU convolutions) against
+    the transpose of lax's convolution, float64, in both of its forms."""
+    from jaxnets import layers
+
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):
+        for n, h, w, cin, cout, k, s, p, d in _WEIGHT_GRAD_CASES:
+            x = jnp.asarray(rng.standard_normal((n, h, w, cin)))
+            kernel = jnp.asarray(rng.standard_normal((*k, cin, cout)))
+            y, vjp = jax.vjp(lambda v: jax.lax.conv_general_dilated(
+                x, v, s, p, rhs_dilation=d, dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+            dy = jnp.asarray(rng.standard_normal(y.shape))
+            got = layers._conv_weight_grad(x, dy, kernel, s, p, d, None, None, form=form)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(dy)[0]), rtol=1e-10,
+                                       atol=1e-10, err_msg=f"form {form}, case {k} {s} {p} {d}")
+
+
+@pytest.mark.parametrize("shape,stride", [((2, 32, 32, 3), 1), ((2, 64, 64, 3), 2)])
+def test_conv_row_grad_route_matches_lax_in_every_mode(shape, stride):
+    """A float32 convolution with enough output positions to take ``_conv_row_grad`` on
+    CPU (``_MIN_POSITIONS_FOR_WEIGHT_GRAD``: 2048 here): value, gradients, forward mode,
+    per-example gradients under vmap and a second derivative agree with lax's to float32
+    round-off; on CPU the kernel gradient is the 1-d convolution, a frozen kernel or a
+    frozen input costs no convolution for it, and float64 stays with lax."""
+    from jaxnets import layers
+
+    rng = np.random.default_rng(7)
+    dn = jax.lax.conv_dimension_numbers(shape, (3, 3, 3, 4), ("NHWC", "HWIO", "NHWC"))
+    ours, plain = (functools.partial(f, window_strides=(stride, stride),
+                                     padding=((1, 1), (1, 1)), dimension_numbers=dn)
+                   for f in (layers.conv_general_dilated, jax.lax.conv_general_dilated))
+    assert layers._output_positions(shape, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+                                    (1, 1)) == layers._MIN_POSITIONS_FOR_WEIGHT_GRAD
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal(plain(x, w).shape), jnp.float32)
+    tx = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    tw = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
+
+    def check(a, b, what):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            scale = float(jnp.abs(v).max())
+            assert scale > 0, what
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4,
+                                       atol=1e-5 * scale, err_msg=what)
+
+    def loss(conv):
+        return lambda v, k: jnp.sum(jnp.tanh(conv(v, k)) * r)
+
+    check(ours(x, w), plain(x, w), "value")
+    check(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w), "grad")
+    check(jax.jvp(ours, (x, w), (tx, tw)), jax.jvp(plain, (x, w), (tx, tw)), "jvp")
+    check(jax.vmap(jax.grad(loss(ours), 1), (0, None))(x[:, None], w),
+          jax.vmap(jax.grad(loss(plain), 1), (0, None))(x[:, None], w), "vmap grad")
+    check(jax.grad(lambda k: jnp.sum(jax.grad(loss(ours), 1)(x, k) ** 2))(w),
+          jax.grad(lambda k: jnp.sum(jax.grad(loss(plain), 1)(x, k) ** 2))(w), "grad grad")
+    if jax.default_backend() != "cpu":
+        return
+
+    def convs(argnums, x=x, w=w):
+        """(2-d, 1-d) convolutions in the gradient program for ``argnums``."""
+        eqns = jax.make_jaxpr(jax.grad(loss(ours), argnums))(x, w).eqns
+        nd = [e.invars[0].aval.ndim for e in eqns if e.primitive.name == "conv_general_dilated"]
+        return nd.count(4), nd.count(3)
+
+    assert convs((0, 1)) == (2, 1)  # forward, input gradient; kernel gradient
+    assert convs(0) == (2, 0)       # a frozen kernel: no kernel gradient
+    assert convs(1) == (1, 1)       # a frozen input: no input gradient
+    with jax.enable_x64(True):      # float64 (parity's gradients): lax's own, 15-45x faster
+        x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+        assert convs((0, 1), x64, w64) == (3, 0)
