@@ -6,7 +6,11 @@ For each convolution shape (ResNet-50's at ``--size``, ``--size`` halved per
 stage) it times the forward pass, the input gradient and the weight gradient
 three ways: ``jax.lax.conv_general_dilated`` as XLA compiles it, the
 convolution ``jaxnets.layers.conv2d`` computes (on CPU a 1x1 kernel is a
-matmul there), and torch (channels-last, eager). Then a train-mode
+matmul there; a larger kernel's weight gradient a 1-d convolution where there
+are enough output positions), and torch (channels-last, eager), plus that 1-d
+convolution weight gradient (``jaxnets.layers._conv_weight_grad``) on its own for
+every shape, and the output positions (batch x height x width) that decide
+whether ``conv2d`` takes it. Then a train-mode
 BatchNorm + ReLU gradient: autodiff of the plain formula, ``jaxnets.layers.BatchNorm``
 (a closed-form derivative rule) and torch. Medians in ms; the gradients include
 no forward pass on the jax side (XLA drops what the gradient does not need),
@@ -23,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bench import train_step
-from jaxnets.layers import BatchNorm, conv_general_dilated
+from jaxnets.layers import BatchNorm, _conv_weight_grad, conv_general_dilated
 
 __all__ = ["conv_rows", "batchnorm_rows", "main"]
 
@@ -36,9 +40,11 @@ def _median_ms(fn, *args, repeat: int) -> float:
 
 
 def _shapes(size: int):
-    """(map side, in, out, kernel, stride, padding): ResNet-50's convolutions by stage."""
+    """(map side, in, out, kernel, stride, padding): ResNet-50's convolutions by stage
+    (the stem, then a 1x1 / 3x3 / strided 3x3 of each kind)."""
     s = size
-    return [(s, 64, 256, 1, 1, 0), (s, 256, 64, 1, 1, 0), (s, 64, 64, 3, 1, 1),
+    return [(s * 4, 3, 64, 7, 2, 3), (s, 64, 256, 1, 1, 0), (s, 256, 64, 1, 1, 0),
+            (s, 64, 64, 3, 1, 1), (s, 128, 128, 3, 2, 1),
             (s, 256, 512, 1, 2, 0), (s // 2, 128, 128, 3, 1, 1), (s // 4, 1024, 256, 1, 1, 0),
             (s // 4, 256, 256, 3, 1, 1), (s // 8, 512, 512, 3, 1, 1)]
 
@@ -65,6 +71,12 @@ def conv_rows(batch: int, size: int, repeat: int) -> list[dict]:
             row[name] = [_median_ms(fwd, x, w, repeat=repeat),
                          _median_ms(dx, x, w, dy, repeat=repeat),
                          _median_ms(dw, x, w, dy, repeat=repeat)]
+        # The 1-d convolution weight gradient on its own, whether or not the shape has
+        # the output positions for conv_general_dilated to take it (the threshold's basis).
+        row["row_dw"] = (None if k == 1 else _median_ms(jax.jit(
+            lambda x, dy: _conv_weight_grad(x, dy, w, (s, s), ((p, p), (p, p)), (1, 1),
+                                            None, None)), x, dy, repeat=repeat))
+        row["positions"] = batch * out * out
         tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
             memory_format=torch.channels_last).requires_grad_()
         tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
@@ -135,10 +147,12 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"batch {args.batch}; ms, medians of {args.repeat}")
     print(f"{'convolution':<26} {'lax fwd/dx/dw':>22} {'jaxnets fwd/dx/dw':>22} "
-          f"{'torch fwd/dx/dw':>22}")
+          f"{'torch fwd/dx/dw':>22} {'1-d dw':>8} {'positions':>10}")
     for r in conv_rows(args.batch, args.size, args.repeat):
         cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in ("lax", "jaxnets", "torch")]
-        print(f"{r['shape']:<26} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22}")
+        row_dw = "-" if r["row_dw"] is None else f"{r['row_dw']:.1f}"
+        print(f"{r['shape']:<26} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {row_dw:>8} "
+              f"{r['positions']:>10}")
     print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")
     for r in batchnorm_rows(args.batch, args.size, args.repeat):
         print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")

@@ -50,10 +50,13 @@ def test_conv_ops_short_run(capsys):
     from bench import conv_ops
 
     rows = conv_ops.conv_rows(batch=1, size=8, repeat=1)
-    assert len(rows) == 8 and any("k1" in r["shape"] for r in rows)
+    assert len(rows) == 10 and rows[0]["shape"] == "32x32 3->64 k7 s2"
+    assert any("k1" in r["shape"] for r in rows) and any("k3 s2" in r["shape"] for r in rows)
     for r in rows:
         for key in ("lax", "jaxnets", "torch"):
             assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
+        assert (r["row_dw"] is None) == (" k1 " in r["shape"]), r
+        assert r["row_dw"] is None or (math.isfinite(r["row_dw"]) and r["row_dw"] > 0), r
     bn = conv_ops.batchnorm_rows(batch=1, size=8, repeat=1)
     assert [r["shape"] for r in bn] == ["1x16x16x64", "1x8x8x256", "1x4x4x512", "1x2x2x1024"]
     assert conv_ops.main(["--short"]) == 0
