@@ -1,6 +1,6 @@
 """Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions and BatchNorm.
 
-    python -m bench.conv_ops [--batch 8] [--size 56] [--repeat 5] [--short]
+    python -m bench.conv_ops [--batch 8] [--size 56] [--repeat 5] [--dtype float32] [--short]
 
 For each convolution shape (ResNet-50's at ``--size``, ``--size`` halved per
 stage) it times the forward pass, the input gradient and the weight gradient
@@ -49,17 +49,18 @@ def _shapes(size: int):
             (s // 4, 256, 256, 3, 1, 1), (s // 8, 512, 512, 3, 1, 1)]
 
 
-def conv_rows(batch: int, size: int, repeat: int) -> list[dict]:
-    """Timings of each convolution shape (see the module docstring)."""
+def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> list[dict]:
+    """Timings of each convolution shape (see the module docstring), in ``dtype``
+    ("float64" needs ``jax.enable_x64``)."""
     import torch
 
     rng = np.random.default_rng(0)
     rows = []
     for side, cin, cout, k, s, p in _shapes(size):
-        x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), jnp.float32)
-        w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
+        x = jnp.asarray(rng.standard_normal((batch, side, side, cin)), dtype)
+        w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, dtype)
         out = (side + 2 * p - k) // s + 1
-        dy = jnp.asarray(rng.standard_normal((batch, out, out, cout)), jnp.float32)
+        dy = jnp.asarray(rng.standard_normal((batch, out, out, cout)), dtype)
         row = {"shape": f"{side}x{side} {cin}->{cout} k{k} s{s}"}
         for name, conv in (("lax", jax.lax.conv_general_dilated),
                            ("jaxnets", conv_general_dilated)):
@@ -137,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=56, help="side of the first stage's maps")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per figure (median)")
     p.add_argument("--short", action="store_true", help="batch 1, 8x8 maps, 1 call: a smoke run")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="convolutions' dtype (float64: what parity's gradients use; the "
+                        "BatchNorm rows are float32 only and are left out)")
     args = p.parse_args(argv)
     if args.short:
         args.batch, args.size, args.repeat = 1, 8, 1
@@ -145,14 +149,18 @@ def main(argv=None) -> int:
     import torch
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-          f"batch {args.batch}; ms, medians of {args.repeat}")
+          f"batch {args.batch}, {args.dtype}; ms, medians of {args.repeat}")
     print(f"{'convolution':<26} {'lax fwd/dx/dw':>22} {'jaxnets fwd/dx/dw':>22} "
           f"{'torch fwd/dx/dw':>22} {'1-d dw':>8} {'positions':>10}")
-    for r in conv_rows(args.batch, args.size, args.repeat):
+    with jax.enable_x64(args.dtype == "float64"):
+        rows = conv_rows(args.batch, args.size, args.repeat, args.dtype)
+    for r in rows:
         cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in ("lax", "jaxnets", "torch")]
         row_dw = "-" if r["row_dw"] is None else f"{r['row_dw']:.1f}"
         print(f"{r['shape']:<26} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {row_dw:>8} "
               f"{r['positions']:>10}")
+    if args.dtype != "float32":
+        return 0
     print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")
     for r in batchnorm_rows(args.batch, args.size, args.repeat):
         print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")

@@ -62,6 +62,10 @@ def test_conv_ops_short_run(capsys):
     assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
     assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
+    assert conv_ops.main(["--short", "--dtype", "float64"]) == 0  # parity's gradient dtype
+    out = capsys.readouterr().out
+    assert "float64" in out and "8x8 64->64 k3 s1" in out and "BatchNorm" not in out
+    assert not jax.config.jax_enable_x64  # switched on for the run only
     try:
         conv_ops.main(["--size", "12"])
     except SystemExit as e:
