@@ -100,8 +100,9 @@ def _output_positions(lhs_shape, rhs_shape, strides, padding, rhs_dilation) -> i
 # channels, batch 8, 1568 positions: 8.9 ms against 10.1; 4x4 maps at batch 64:
 # 22.0 against 35.7; 8x8 at batch 64, 4096 positions: 36.9 against 28.7).
 _MIN_POSITIONS_FOR_WEIGHT_GRAD = 2048
-# float64 is left to XLA: its 1-d convolution in float64 is 15-45x slower than XLA's
-# own weight gradient (VGG's first layer at 224x224: 3.7 s against 0.3 s).
+# float64 (parity's gradients) is left to XLA: there the 1-d convolution is 11-22x
+# slower than XLA's own weight gradient (``python -m bench.conv_ops --dtype float64
+# --batch 1``: 3x3, 64 channels, 56x56: 145.5 ms against 6.5).
 _ROW_GRAD_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
