@@ -85,12 +85,16 @@ def _pointwise(rhs_shape) -> bool:
     return tuple(rhs_shape[:2]) == (1, 1)
 
 
+def _conv_out_len(size: int, k: int, stride: int, pads: tuple[int, int], dilation: int) -> int:
+    """Output length of a convolution along one axis."""
+    return (size + pads[0] + pads[1] - dilation * (k - 1) - 1) // stride + 1
+
+
 def _output_positions(lhs_shape, rhs_shape, strides, padding, rhs_dilation) -> int:
     """Batch times output height times width of an NHWC x HWIO convolution."""
     n, out = lhs_shape[0], 1
-    for size, k, s, (lo, hi), d in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding,
-                                       rhs_dilation):
-        out *= max((size + lo + hi - d * (k - 1) - 1) // s + 1, 0)
+    for args in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding, rhs_dilation):
+        out *= max(_conv_out_len(*args), 0)
     return n * out
 
 
@@ -267,8 +271,8 @@ def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
     kh, kw, cin_g, cout = w.shape
     (sh, sw), (dh, dw) = strides, dilation
     (pt, pb), (pl, pr) = padding
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    oh = _conv_out_len(h, kh, sh, (pt, pb), dh)
+    ow = _conv_out_len(wd, kw, sw, (pl, pr), dw)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if pt or pb or pl or pr else x
     if (kh, kw, sh, sw) == (1, 1, 1, 1):
         taps = [xp]  # a 1x1 kernel at stride 1 reads every position: no slice
