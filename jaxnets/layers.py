@@ -129,8 +129,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       3 GFLOP/s against 100-250 (``resnet18_cifar`` at 16x16 ran a train step
       10x slower than torch because of it).
 
-    Every other ungrouped NHWC convolution on CPU with at least
-    ``_MIN_POSITIONS_FOR_WEIGHT_GRAD`` output positions is XLA's, but its weight
+    Every other ungrouped NHWC convolution on CPU in ``_ROW_GRAD_DTYPES`` (not
+    float64) with at least ``_MIN_POSITIONS_FOR_WEIGHT_GRAD`` output positions is
+    XLA's, but its weight
     gradient is ``_conv_weight_grad``'s (a custom JVP rule): XLA:CPU computes that
     gradient as a convolution whose contracted features are the batch (8 at batch 8),
     2-3x slower than a one-dimensional convolution over a whole row of the image
