@@ -27,6 +27,7 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "check_images",
+    "fusion_barrier",
     "kaiming_normal_fan_out",
     "torch_default_init",
 ]
@@ -461,6 +462,48 @@ def _normalize_jvp(eps, primals, tangents):
     t_xhat = jnp.mean(t * xhat, axis=axes)  # d var = 2 (x - mean) t / n = 2 xhat t / (n rstd)
     return ((xhat, mean, var),
             (rstd * (t - t_mean - xhat * t_xhat), t_mean, 2.0 * t_xhat / rstd))
+
+
+def fusion_barrier(x: jax.Array, anchor: jax.Array | None = None) -> jax.Array:
+    """The identity, which XLA:CPU stores instead of fusing it into its consumers.
+
+    XLA:CPU fuses a chain of cheap elementwise operations into every consumer
+    of its result instead of writing the result out, even when that recomputes
+    the whole chain in each consumer. A residual stream's gradient is such a
+    chain: each pre-norm block adds its LayerNorm's backward terms to it, and
+    without a stored sum a ViT's gradient fusions at block ``k`` recompute the
+    terms of every block above it (ViT-B/16: fusions of up to 171 operands, a
+    third of the train step; quadratic in depth). A place XLA cannot fuse
+    across stops the chain. ``jax.lax.optimization_barrier`` is no
+    such place on CPU (XLA removes it before fusion); a conditional is. So ``x``
+    goes through one whose predicate is data and whose two branches compute the
+    same values (the identity and a double negation, both exact): XLA can
+    neither fold it nor fuse through it, and jax's derivative of a conditional
+    is a conditional, so the tangent (forward mode) and the cotangent (reverse
+    mode) are stored too.
+
+    Values and derivatives (forward and reverse mode, any order) are the
+    identity's. Under ``vmap`` of a batched predicate (``anchor``, or ``x`` when
+    it is the anchor) the conditional becomes a select and nothing is stored. Elsewhere than on CPU, or for non-float or
+    empty arrays, this returns ``x`` itself.
+
+    Args:
+      x: the array to store.
+      anchor: the array whose first element the predicate reads (default
+        ``x``). Pass a replicated one (a parameter) where ``x`` is sharded over
+        devices, so the predicate needs no cross-device read.
+
+    Returns:
+      ``x``'s values.
+    """
+    if (jax.default_backend() != "cpu" or not jnp.issubdtype(x.dtype, jnp.inexact)
+            or x.size == 0):
+        return x
+    anchor = x if anchor is None else anchor
+    if anchor.size == 0:
+        return x
+    first = jax.lax.stop_gradient(anchor).reshape(-1)[0]
+    return jax.lax.cond(first == first, lambda a: a, lambda a: -(-a), x)
 
 
 def _pool_geometry(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:

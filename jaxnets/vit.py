@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.layers import Sequential, check_images, conv2d, linear
+from jaxnets.layers import Sequential, check_images, conv2d, fusion_barrier, linear
 from jaxnets.registry import register_model
 
 __all__ = ["ViTSelfAttention", "MLPBlock", "EncoderBlock", "Encoder", "VisionTransformer",
@@ -181,10 +181,15 @@ class EncoderBlock(nnx.Module):
         Returns:
           The (batch, L, E) output, or ``(output, weights)`` with ``need_weights``.
         """
+        # Each residual sum and its gradient are stored once (on CPU, XLA
+        # otherwise recomputes every later block's share of the gradient in
+        # each consumer).
+        x = fusion_barrier(x, self.ln_1.scale[...])
         y = self.self_attention(self.ln_1(x), need_weights=need_weights,
                                 deterministic=deterministic)
         y, weights = y if need_weights else (y, None)
-        x = x + self.dropout(y, deterministic=deterministic)
+        x = fusion_barrier(x + self.dropout(y, deterministic=deterministic),
+                           self.ln_2.scale[...])
         x = x + self.mlp(self.ln_2(x), deterministic=deterministic)
         return (x, weights) if need_weights else x
 

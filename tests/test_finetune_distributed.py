@@ -84,6 +84,33 @@ def _env(devices: int) -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+_VIT_COLLECTIVES_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jaxnets import vit
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.device_put(jnp.ones((16, 32, 32, 3)), NamedSharding(mesh, P("data")))
+    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+    def program():
+        model = vit.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                      hidden_dim=32, mlp_dim=64, num_classes=5,
+                                      rngs=nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)
+        hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+        return {k: hlo.count(f" {k}(") + hlo.count(f" {k}-start(") for k in kinds + ("conditional",)}
+
+    with_barrier = program()
+    vit.fusion_barrier = lambda x, anchor=None: x
+    print(json.dumps({"barrier": with_barrier, "identity": program()}))
+""")
+
+
 _CONV_COLLECTIVES_SCRIPT = textwrap.dedent("""
     import collections, json, re
     import jax, jax.numpy as jnp, numpy as np
@@ -108,6 +135,20 @@ _CONV_COLLECTIVES_SCRIPT = textwrap.dedent("""
                       "conv_ndims": [e.invars[0].aval.ndim for e in eqns
                                      if e.primitive.name == "conv_general_dilated"]}))
 """)
+
+
+def test_vit_fusion_barriers_add_no_collective_over_8_devices():
+    """``EncoderBlock``'s ``fusion_barrier``s read their predicate from a LayerNorm
+    scale (replicated), not from the batch-sharded tokens: the data-parallel gradient
+    program has the same collectives as without them (reading a token instead added
+    one all-reduce per barrier)."""
+    proc = subprocess.run([sys.executable, "-c", _VIT_COLLECTIVES_SCRIPT], cwd=REPO,
+                          env=_env(8), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    barrier, identity = r["barrier"], r["identity"]
+    assert barrier.pop("conditional") >= 4 and identity.pop("conditional") == 0, r
+    assert barrier == identity and identity["all-reduce"] >= 1, r
 
 
 def test_conv_weight_gradient_over_8_devices_is_partial_sums_and_one_all_reduce():

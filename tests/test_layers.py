@@ -408,3 +408,50 @@ def test_conv_row_grad_route_matches_lax_in_every_mode(shape, stride):
     with jax.enable_x64(True):      # float64 (parity's gradients): lax's own, 15-45x faster
         x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
         assert convs((0, 1), x64, w64) == (3, 0)
+
+
+def test_fusion_barrier_is_the_identity_in_every_mode():
+    """``fusion_barrier``'s values and derivatives (reverse, forward, second order,
+    per-example under vmap) are the identity's, bit for bit, with or without an
+    anchor and with a NaN in its predicate; integer and empty arrays come back
+    untouched; on CPU the program and its gradient hold the conditional that XLA
+    cannot fuse across."""
+    from jaxnets.layers import fusion_barrier
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    anchor = jnp.asarray(rng.standard_normal(4), jnp.float32)
+
+    def loss(barrier):
+        return lambda v: jnp.sum(jnp.sin(barrier(v * 2.0) * v) ** 2)
+
+    plain = loss(lambda v: v)
+    for name, ours in [("no anchor", loss(fusion_barrier)),
+                       ("anchor", loss(lambda v: fusion_barrier(v, anchor))),
+                       ("NaN anchor", loss(lambda v: fusion_barrier(v, anchor.at[0].set(jnp.nan))))]:
+        for what, a, b in [
+                ("value", ours(x), plain(x)),
+                ("grad", jax.grad(ours)(x), jax.grad(plain)(x)),
+                ("jvp", jax.jvp(ours, (x,), (t,)), jax.jvp(plain, (x,), (t,))),
+                ("vmap grad", jax.vmap(jax.grad(ours))(x), jax.vmap(jax.grad(plain))(x)),
+                ("grad grad", jax.grad(lambda v: jnp.sum(jax.grad(ours)(v) ** 2))(x),
+                 jax.grad(lambda v: jnp.sum(jax.grad(plain)(v) ** 2))(x))]:
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(np.asarray(u), np.asarray(v),
+                                              err_msg=f"{name}: {what}")
+    nan = x.at[1, 2].set(jnp.nan)
+    np.testing.assert_array_equal(np.asarray(fusion_barrier(nan)), np.asarray(nan))
+    half = x.astype(jnp.bfloat16)
+    assert fusion_barrier(half).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(fusion_barrier(half), np.float32),
+                                  np.asarray(half, np.float32))
+    ints, empty = jnp.arange(6), jnp.zeros((0, 3))
+    assert fusion_barrier(ints) is ints and fusion_barrier(empty) is empty
+    if jax.default_backend() != "cpu":
+        assert fusion_barrier(x) is x
+        return
+    ours = loss(fusion_barrier)
+    assert jax.jit(ours).lower(x).compile().as_text().count("conditional(") == 1
+    # The forward pass's, and the cotangent's in reverse mode.
+    assert jax.jit(jax.grad(ours)).lower(x).compile().as_text().count("conditional(") == 2
