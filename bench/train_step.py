@@ -178,9 +178,21 @@ def _torch_loss(out, target, kind):
 # The two sides.
 
 
-def _bench_jax(model, spec, inputs, target, precision, steps, warmup, r: Result) -> None:
+def jax_train_step(model, spec, precision: str):
+    """The jitted jaxnets train step that ``bench_arch`` times, and its state.
+
+    Args:
+      model: the jaxnets model (split here; not used afterwards).
+      spec: its registry spec (the loss depends on ``spec.kind``).
+      precision: ``"fp32"`` or ``"bf16"``.
+
+    Returns:
+      ``(step, predict, state)``: ``step(params, rest, opt_state, inputs, target)``
+      returns the three updated and the loss, donating its first three
+      arguments; ``predict(params, rest, inputs)`` is the eval-mode forward;
+      ``state`` is ``[params, rest, opt_state]``.
+    """
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
@@ -208,11 +220,16 @@ def _bench_jax(model, spec, inputs, target, precision, steps, warmup, r: Result)
         m.eval()
         return policy.cast_output(_jax_forward(m, [policy.cast_inputs(a) for a in inputs], kind))
 
-    step = jax.jit(step, donate_argnums=(0, 1, 2))
-    predict = jax.jit(predict)
+    return jax.jit(step, donate_argnums=(0, 1, 2)), jax.jit(predict), [params, rest, opt_state]
+
+
+def _bench_jax(model, spec, inputs, target, precision, steps, warmup, r: Result) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    step, predict, state = jax_train_step(model, spec, precision)
     inputs = [jnp.asarray(a) for a in inputs]
     target = jnp.asarray(target)
-    state = [params, rest, opt_state]
     _reset_peak_rss()
 
     def run():

@@ -72,3 +72,39 @@ def test_conv_ops_short_run(capsys):
         assert e.code == 2
     else:
         raise AssertionError("--size 12 accepted")
+
+
+def test_profile_step_names_the_operations_of_a_short_run(tmp_path):
+    """bench.profile_step in a fresh process (it sets XLA:CPU's per-operation trace
+    flag before jax starts): every operation it lists is one of the profiled
+    program's instructions, with a kind, a shape and a positive time; the shares
+    add up; bad input is one line and exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_step", "--arch", "lenet5",
+                           "--batch", "2", "--steps", "1", "--top", "5", "--json", str(out)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = json.loads(out.read_text())
+    assert p["arch"] == "lenet5" and p["size"] == 32 and p["step_ms"] > 0
+    kinds = {op["kind"] for op in p["ops"]}
+    assert {"convolution", "dot"} & kinds and "elementwise" in kinds, kinds
+    assert all(op["ms"] > 0 and op["shape"].startswith(("f32", "(")) for op in p["ops"])
+    assert math.isclose(sum(p["by_kind"].values()), sum(op["ms"] for op in p["ops"]))
+    table = [row for row in proc.stdout.splitlines() if row.startswith("| ")]
+    assert len(table) == 1 + 5 + 1 + len(p["by_kind"]), proc.stdout  # headers, rows
+    assert "Largest fusions" in proc.stdout
+    from bench import profile_step
+
+    assert profile_step.main(["--arch", "resnet5O"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "bench.profile_step", "--arch", "lenet5",
+                          "--size", "8"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: lenet5 needs inputs of at least 32 pixels, got 8"

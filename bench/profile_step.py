@@ -1,0 +1,279 @@
+"""Where a jaxnets train step's time goes, per XLA operation.
+
+``python -m bench.profile_step --arch vit_b_16 --batch 8 [--size 224]
+[--precision fp32|bf16] [--steps 2] [--top 20] [--json OUT]``
+
+Runs the step that ``bench.train_step`` times (``jax_train_step``: forward,
+backward, optax SGD-momentum update, buffers donated) under ``jax.profiler``
+for ``--steps`` steps after two untimed ones, reads the trace back
+(``jax.profiler.ProfileData``) and sums each XLA operation's events per step.
+Each operation is named by its instruction in the compiled program: its kind
+(a convolution, a dot, a transpose, elementwise work, a reduction), its
+output shape and how many operands its fusion reads. Prints the operations
+that took longest, the time per kind, and the largest fusions: a fusion that
+reads many operands recomputes work that XLA could have stored once (see
+``jaxnets.layers.fusion_barrier``).
+
+On CPU the per-operation events need ``--xla_cpu_enable_xprof_traceme=true``,
+which this command adds to ``XLA_FLAGS`` before jax starts (a caller that
+imported jax already must set it). On GPU the "XLA Ops" line of each device is
+read. Times are of one run on a shared machine: compare shares, not absolute
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+_TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+# Events that wrap or wait for operations rather than being one.
+_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "end:", "Await", "Wait")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([a-z][\w\-]*)\((.*)$")
+
+
+@dataclasses.dataclass
+class Op:
+    """One XLA operation of the profiled program, summed over its events."""
+
+    name: str
+    ms: float  # per step
+    calls: float  # events per step
+    kind: str
+    shape: str
+    operands: int
+
+
+@dataclasses.dataclass
+class Profile:
+    """The profile of one architecture's train step."""
+
+    arch: str
+    batch: int
+    size: int
+    precision: str
+    device: str
+    step_ms: float  # median wall time of the profiled steps
+    ops: list[Op]
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = collections.Counter()
+        for op in self.ops:
+            out[op.kind] += op.ms
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """The instruction lines of each computation of a compiled HLO module's text."""
+    comps, current = {}, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            current = head.lstrip("%")
+            comps[current] = []
+        elif current is not None and line.startswith(" "):
+            comps[current].append(line)
+    return comps
+
+
+def describe_instructions(hlo_text: str) -> dict[str, tuple[str, str, int]]:
+    """``{instruction name: (kind, output shape, operands)}`` for a compiled module.
+
+    A fusion's kind is that of the heaviest operation it contains (a
+    convolution, then a dot, a transpose or copy, a reduction, else
+    elementwise); other instructions keep their opcode.
+    """
+    comps = _computations(hlo_text)
+    out = {}
+    for lines in comps.values():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, shape, opcode, rest = m.groups()
+            args = rest.split("), ")[0] if opcode == "fusion" else ""
+            operands = args.count("%")
+            kind = opcode
+            if opcode == "fusion":
+                called = re.search(r"calls=%([\w.\-]+)", rest)
+                body = comps.get(called.group(1), []) if called else []
+                inner = {im.group(3) for im in map(_INSTRUCTION.match, body) if im}
+                kind = next((k for k, ops in (
+                    ("convolution", {"convolution"}), ("dot", {"dot"}),
+                    ("transpose/copy", {"transpose", "copy", "concatenate"}),
+                    ("reduction", {"reduce", "reduce-window", "select-and-scatter"}))
+                    if inner & ops), "elementwise")
+            elif opcode in ("copy", "transpose", "concatenate"):
+                kind = "transpose/copy"
+            out[name] = (kind, shape, operands)
+    return out
+
+
+def _op_lines(profile_data):
+    """(plane, line) pairs whose events are XLA operations."""
+    for plane in profile_data.planes:
+        for line in plane.lines:
+            if line.name.startswith("tf_XLAEigen") or (
+                    plane.name.startswith("/device:") and line.name == "XLA Ops"):
+                yield plane, line
+
+
+def summarise_trace(path: str, hlo_text: str, steps: int) -> list[Op]:
+    """Sum a trace's XLA operation events per step and name them by the program.
+
+    Args:
+      path: an ``.xplane.pb`` file written by ``jax.profiler``.
+      hlo_text: the profiled program's compiled text (``compiled.as_text()``).
+      steps: how many steps the trace holds.
+
+    Returns:
+      The operations, longest first.
+    """
+    from jax.profiler import ProfileData
+
+    described = describe_instructions(hlo_text)
+    ms, calls = collections.Counter(), collections.Counter()
+    for _, line in _op_lines(ProfileData.from_file(path)):
+        for ev in line.events:
+            if ev.name.startswith(_WRAPPERS) or ev.name not in described:
+                continue
+            ms[ev.name] += ev.duration_ns / 1e6 / steps
+            calls[ev.name] += 1 / steps
+    return [Op(name, t, calls[name], *described[name]) for name, t in ms.most_common()]
+
+
+def profile_arch(arch: str, *, batch: int, size: int | None, precision: str,
+                 steps: int) -> Profile:
+    """Profile ``steps`` train steps of one architecture (after two untimed ones).
+
+    Raises:
+      ValueError: a model kind the train step does not cover, or too small an input.
+      RuntimeError: the trace holds no operation events (on CPU: jax was
+        started without ``--xla_cpu_enable_xprof_traceme=true``).
+    """
+    import glob
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxnets
+    from bench.train_step import _inputs, jax_train_step
+
+    spec = jaxnets.get_spec(arch)
+    if spec.kind not in ("image", "sequence"):
+        raise ValueError(f"{arch} is a {spec.kind!r} model; bench.profile_step profiles image "
+                         "models and the transformer")
+    if size is None:
+        size = 32 if spec.kind == "sequence" else spec.input_size[0]
+    if spec.kind == "image" and size < spec.min_size[0]:
+        raise ValueError(f"{arch} needs inputs of at least {spec.min_size[0]} pixels, got {size}")
+    overrides = {"dropout": 0.0} if spec.kind == "sequence" else {}
+    model = jaxnets.create_model(arch, **overrides)
+    inputs, _, target = _inputs(spec, batch, size)
+    inputs = [jnp.asarray(a) for a in inputs]
+    target = jnp.asarray(target.astype(np.int32) if spec.kind == "image" else target)
+    step, _, state = jax_train_step(model, spec, precision)
+    step = step.lower(*state, inputs, target).compile()  # runs the very program it names
+    hlo_text = step.as_text()
+
+    def run():
+        state[0], state[1], state[2], loss = step(*state, inputs, target)
+        jax.block_until_ready(loss)
+
+    run()
+    run()
+    times = []
+    with tempfile.TemporaryDirectory(prefix="jaxnets_profile_") as d:
+        with jax.profiler.trace(d):
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+        traces = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not traces:
+            raise RuntimeError(f"jax.profiler wrote no trace under {d}")
+        ops = summarise_trace(traces[0], hlo_text, steps)
+    if not ops:
+        raise RuntimeError("the trace holds no XLA operation events; on CPU, start jax with "
+                           f"XLA_FLAGS={_TRACEME_FLAG}")
+    return Profile(arch, batch, size, precision, str(jax.devices()[0].device_kind),
+                   statistics.median(times) * 1e3, ops)
+
+
+def format_report(p: Profile, top: int = 20, fusions: int = 5) -> str:
+    """The report ``main`` prints: longest operations, time per kind, largest fusions."""
+    total = sum(op.ms for op in p.ops)
+    lines = [f"{p.arch} (batch {p.batch}, size {p.size}, {p.precision}) on {p.device}: "
+             f"step {p.step_ms:.1f} ms (median of the profiled steps), operations "
+             f"{total:.1f} ms per step in {len(p.ops)} distinct operations", "",
+             "| operation | kind | output | operands | ms/step | share |",
+             "|---|---|---|---|---|---|"]
+    for op in p.ops[:top]:
+        lines.append(f"| {op.name} | {op.kind} | {op.shape} | {op.operands} | {op.ms:.1f} | "
+                     f"{100 * op.ms / total:.1f}% |")
+    lines += ["", "| kind | ms/step | share |", "|---|---|---|"]
+    for kind, ms in p.by_kind().items():
+        lines.append(f"| {kind} | {ms:.1f} | {100 * ms / total:.1f}% |")
+    widest = sorted(p.ops, key=lambda op: -op.operands)[:fusions]
+    lines += ["", "Largest fusions (operands read; many means recomputed work):"]
+    lines += [f"  {op.operands:4d}  {op.name} ({op.kind}, {op.shape}): {op.ms:.1f} ms/step"
+              for op in widest]
+    return "\n".join(lines)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18_cifar", help="a registry name")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (sequence length for transformer); spec default if unset")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps")
+    p.add_argument("--top", type=int, default=20, help="operations listed")
+    p.add_argument("--json", default=None, help="write the profile to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+      argv: arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+      The exit status.
+    """
+    args = _parse(argv)
+    if args.batch < 1 or args.steps < 1 or args.top < 1:
+        print("error: --batch, --steps and --top must be >= 1", file=sys.stderr)
+        return 2
+    if "jax" not in sys.modules and _TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TRACEME_FLAG}".strip()
+    import jaxnets
+
+    try:
+        jaxnets.get_spec(args.arch)
+        p = profile_arch(args.arch, batch=args.batch, size=args.size,
+                         precision=args.precision, steps=args.steps)
+    except (jaxnets.UnknownModelError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(p, args.top))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**dataclasses.asdict(p), "by_kind": p.by_kind()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
