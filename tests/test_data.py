@@ -1,6 +1,7 @@
 """train.data: dataset specs, sources (digits, image folders, TFDS) and the Loader."""
 
 import gc
+import tempfile
 import threading
 import time
 
@@ -201,6 +202,22 @@ def test_tfds_mock_data_source():
         assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and 0 <= label < 10
         batch = next(iter(D.Loader(train, 8, seed=1, num_epochs=1)))
         assert batch["image"].shape == (8, 28, 28, 1) and batch["mask"].all()
+
+
+def test_tfds_builder_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """tfds makes a ``mkdtemp("tfds")`` folder for every builder of a dataset with no
+    local metadata and never removes it (it is made here: one per plain
+    ``tfds.builder`` call); loading through train.data leaves none."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        tfds.builder("mnist")
+        leaked = [p.name for p in tmp_path.iterdir()]
+        assert len(leaked) == 1 and leaked[0].endswith("tfds"), leaked
+        for p in tmp_path.iterdir():
+            p.rmdir()
+        assert len(D.load_dataset("tfds:mnist", split="train")) == 8
+        assert len(D.load_dataset("tfds:mnist", split="val")) == 8
+    assert list(tmp_path.iterdir()) == [] and tempfile.gettempdir() == str(tmp_path)
 
 
 class JaxnetsTinyImages(tfds.core.GeneratorBasedBuilder):

@@ -45,11 +45,13 @@ releases the GIL) runs in a thread pool, one batch ahead in a bounded queue.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
 import queue
 import re
+import tempfile
 import threading
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -470,11 +472,30 @@ def _tfds_error(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+@contextlib.contextmanager
+def _tfds_scratch():
+    """Run tfds calls with ``tempfile.tempdir`` in a folder of our own, removed after.
+
+    For a dataset with no ``dataset_info.json`` in its data_dir (not prepared, or
+    mocked), tfds 4.9's ``DatasetInfo.initialize_from_bucket`` makes a
+    ``tempfile.mkdtemp("tfds")`` folder for metadata from GCS and never removes it:
+    one ``/tmp/tmp*tfds`` per builder, and ``tfds.data_source`` makes a builder too.
+    """
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="jaxnets-tfds-") as scratch:
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+
+
 def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(parsed.name, data_dir=data_dir)
+        with _tfds_scratch():
+            builder = tfds.builder(parsed.name, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "no such dataset".
         raise DataError(f"unknown tfds dataset {parsed.name!r}: {_tfds_error(e)}") from e
     info = builder.info
@@ -485,7 +506,9 @@ def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size)
     val_split = parsed.val_split or ("validation" if has_val else f"train[{100 - pct}%:]")
     split_spec = train_split if split == "train" else val_split
     try:
-        source = tfds.data_source(parsed.name, split=split_spec, data_dir=data_dir, download=False)
+        with _tfds_scratch():
+            source = tfds.data_source(parsed.name, split=split_spec, data_dir=data_dir,
+                                      download=False)
     except Exception as e:  # noqa: BLE001 -- map tfds's assorted errors to one line.
         where = data_dir or "TFDS's default data_dir"
         if builder.is_prepared():
