@@ -36,6 +36,7 @@ import time
 _TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events that wrap or wait for operations rather than being one.
 _WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "end:", "Await", "Wait")
+_NO_OPERATION = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([a-z][\w\-]*)\((.*)$")
 
 
@@ -62,6 +63,7 @@ class Profile:
     device: str
     step_ms: float  # median wall time of the profiled steps
     ops: list[Op]
+    program_ops: int  # the program's top-level operations (what a complete trace shows)
 
     def by_kind(self) -> dict[str, float]:
         out: dict[str, float] = collections.Counter()
@@ -116,13 +118,24 @@ def describe_instructions(hlo_text: str) -> dict[str, tuple[str, str, int]]:
     return out
 
 
+def program_operations(hlo_text: str) -> set[str]:
+    """The operations a run of a compiled module executes: its entry computation's
+    instructions, less those that are no operation (parameters, constants, tuples,
+    bitcasts)."""
+    comps = _computations(hlo_text)
+    entry = next(line.split()[1].lstrip("%") for line in hlo_text.splitlines()
+                 if line.startswith("ENTRY"))
+    return {m.group(1) for m in map(_INSTRUCTION.match, comps[entry])
+            if m and m.group(3) not in _NO_OPERATION}
+
+
 def _op_lines(profile_data):
-    """(plane, line) pairs whose events are XLA operations."""
-    for plane in profile_data.planes:
-        for line in plane.lines:
-            if line.name.startswith("tf_XLAEigen") or (
-                    plane.name.startswith("/device:") and line.name == "XLA Ops"):
-                yield plane, line
+    """The trace lines whose events are XLA operations: the devices' "XLA Ops"
+    lines where there are any (GPU), else every host line (CPU: XLA runs an
+    operation on its thread pool, or on the calling thread when the pool is busy)."""
+    lines = [(plane, line) for plane in profile_data.planes for line in plane.lines]
+    device = [(p, ln) for p, ln in lines if p.name.startswith("/device:") and ln.name == "XLA Ops"]
+    return device or [(p, ln) for p, ln in lines if p.name.startswith("/host:")]
 
 
 def summarise_trace(path: str, hlo_text: str, steps: int) -> list[Op]:
@@ -206,15 +219,16 @@ def profile_arch(arch: str, *, batch: int, size: int | None, precision: str,
         raise RuntimeError("the trace holds no XLA operation events; on CPU, start jax with "
                            f"XLA_FLAGS={_TRACEME_FLAG}")
     return Profile(arch, batch, size, precision, str(jax.devices()[0].device_kind),
-                   statistics.median(times) * 1e3, ops)
+                   statistics.median(times) * 1e3, ops, len(program_operations(hlo_text)))
 
 
 def format_report(p: Profile, top: int = 20, fusions: int = 5) -> str:
     """The report ``main`` prints: longest operations, time per kind, largest fusions."""
     total = sum(op.ms for op in p.ops)
     lines = [f"{p.arch} (batch {p.batch}, size {p.size}, {p.precision}) on {p.device}: "
-             f"step {p.step_ms:.1f} ms (median of the profiled steps), operations "
-             f"{total:.1f} ms per step in {len(p.ops)} distinct operations", "",
+             f"step {p.step_ms:.1f} ms (median of the profiled steps); {len(p.ops)} of the "
+             f"program's {p.program_ops} operations traced, {total:.1f} ms per step "
+             "(operations on two threads overlap)", "",
              "| operation | kind | output | operands | ms/step | share |",
              "|---|---|---|---|---|---|"]
     for op in p.ops[:top]:
