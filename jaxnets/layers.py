@@ -474,9 +474,9 @@ def fusion_barrier(x: jax.Array, anchor: jax.Array | None = None) -> jax.Array:
     without a stored sum a ViT's gradient fusions at block ``k`` recompute the
     terms of every block above it (ViT-B/16: fusions of up to 171 operands, a
     third of the train step; quadratic in depth). A place XLA cannot fuse
-    across stops the chain. ``jax.lax.optimization_barrier`` is no
-    such place on CPU (XLA removes it before fusion); a conditional is. So ``x``
-    goes through one whose predicate is data and whose two branches compute the
+    across stops the chain. ``jax.lax.optimization_barrier`` is no such place
+    on CPU (XLA removes it before fusion); a conditional is. So ``x`` goes
+    through one whose predicate is data and whose two branches compute the
     same values (the identity and a double negation, both exact): XLA can
     neither fold it nor fuse through it, and jax's derivative of a conditional
     is a conditional, so the tangent (forward mode) and the cotangent (reverse
@@ -484,8 +484,9 @@ def fusion_barrier(x: jax.Array, anchor: jax.Array | None = None) -> jax.Array:
 
     Values and derivatives (forward and reverse mode, any order) are the
     identity's. Under ``vmap`` of a batched predicate (``anchor``, or ``x`` when
-    it is the anchor) the conditional becomes a select and nothing is stored. Elsewhere than on CPU, or for non-float or
-    empty arrays, this returns ``x`` itself.
+    it is the anchor) the conditional becomes a select and nothing is stored.
+    Elsewhere than on CPU, or for non-float or empty arrays, this returns ``x``
+    itself.
 
     Args:
       x: the array to store.

@@ -103,7 +103,8 @@ _VIT_COLLECTIVES_SCRIPT = textwrap.dedent("""
         params = jax.device_put(params, NamedSharding(mesh, P()))
         loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)
         hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
-        return {k: hlo.count(f" {k}(") + hlo.count(f" {k}-start(") for k in kinds + ("conditional",)}
+        return {k: hlo.count(f" {k}(") + hlo.count(f" {k}-start(")
+                for k in kinds + ("conditional",)}
 
     with_barrier = program()
     vit.fusion_barrier = lambda x, anchor=None: x

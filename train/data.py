@@ -480,6 +480,8 @@ def _tfds_scratch():
     mocked), tfds 4.9's ``DatasetInfo.initialize_from_bucket`` makes a
     ``tempfile.mkdtemp("tfds")`` folder for metadata from GCS and never removes it:
     one ``/tmp/tmp*tfds`` per builder, and ``tfds.data_source`` makes a builder too.
+    The process's temporary directory is ours for the length of the call: a
+    thread making temporary files meanwhile would make them in the scratch folder.
     """
     saved = tempfile.tempdir
     with tempfile.TemporaryDirectory(prefix="jaxnets-tfds-") as scratch:
