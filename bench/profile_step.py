@@ -37,7 +37,10 @@ _TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events that wrap or wait for operations rather than being one.
 _WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "end:", "Await", "Wait")
 _NO_OPERATION = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([a-z][\w\-]*)\((.*)$")
+# name = shape opcode(rest); a shape is an array type or a tuple of them (multi-output
+# fusions), which has spaces inside.
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%([\w.\-]+) = (\((?:[^()]|\([^()]*\))*\)|\S+) ([a-z][\w\-]*)\((.*)$")
 
 
 @dataclasses.dataclass

@@ -113,3 +113,36 @@ def test_profile_step_names_the_operations_of_a_short_run(tmp_path):
                          timeout=600)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: lenet5 needs inputs of at least 32 pixels, got 8"
+
+
+_HLO = """HloModule m
+
+%fc (p0: f32[4], p1: f32[4]) -> (f32[4], f32[4]) {
+  %p0 = f32[4]{0} parameter(0)
+  %p1 = f32[4]{0} parameter(1)
+  %add = f32[4]{0} add(%p0, %p1)
+  %t = f32[4]{0} transpose(%add), dimensions={0}
+  ROOT %tuple = (f32[4]{0}, f32[4]{0}) tuple(%add, %t)
+}
+
+ENTRY %main (a: f32[4], b: f32[4]) -> (f32[4], f32[]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %fusion.3 = (f32[4]{0}, f32[4]{0}) fusion(%a, %b), kind=kLoop, calls=%fc
+  %gte = f32[4]{0} get-tuple-element(%fusion.3), index=0
+  %d = f32[] dot(%gte, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %r = (f32[4]{0}, f32[]) tuple(%gte, %d)
+}
+"""
+
+
+def test_profile_step_reads_compiled_hlo_text():
+    """Instructions are named with their kind, shape and fusion operands, a
+    multi-output fusion (a tuple shape, spaces inside) included; the program's
+    operations are its entry instructions less parameters, tuples and their elements."""
+    from bench.profile_step import describe_instructions, program_operations
+
+    d = describe_instructions(_HLO)
+    assert d["fusion.3"] == ("transpose/copy", "(f32[4]{0}, f32[4]{0})", 2)
+    assert d["d"] == ("dot", "f32[]", 0) and d["add"] == ("add", "f32[4]{0}", 0)
+    assert program_operations(_HLO) == {"fusion.3", "d"}
