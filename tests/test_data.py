@@ -250,7 +250,8 @@ class JaxnetsTinyImages(tfds.core.GeneratorBasedBuilder):
 @pytest.fixture(scope="module")
 def tiny_tfds(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    JaxnetsTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    with D._tfds_scratch():  # a builder before its dataset_info.json: tfds's leaked folder
+        JaxnetsTinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return data_dir
 
 
