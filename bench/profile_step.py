@@ -182,17 +182,9 @@ def profile_arch(arch: str, *, batch: int, size: int | None, precision: str,
     import numpy as np
 
     import jaxnets
-    from bench.train_step import _inputs, jax_train_step
+    from bench.train_step import _inputs, jax_train_step, step_setup
 
-    spec = jaxnets.get_spec(arch)
-    if spec.kind not in ("image", "sequence"):
-        raise ValueError(f"{arch} is a {spec.kind!r} model; bench.profile_step profiles image "
-                         "models and the transformer")
-    if size is None:
-        size = 32 if spec.kind == "sequence" else spec.input_size[0]
-    if spec.kind == "image" and size < spec.min_size[0]:
-        raise ValueError(f"{arch} needs inputs of at least {spec.min_size[0]} pixels, got {size}")
-    overrides = {"dropout": 0.0} if spec.kind == "sequence" else {}
+    spec, size, overrides = step_setup(arch, size, "bench.profile_step profiles")
     model = jaxnets.create_model(arch, **overrides)
     inputs, _, target = _inputs(spec, batch, size)
     inputs = [jnp.asarray(a) for a in inputs]

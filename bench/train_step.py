@@ -313,6 +313,35 @@ def _bench_torch(tmodel, spec, inputs, target, precision, steps, warmup, r: Resu
         r.compiled_note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+def step_setup(arch: str, size: int | None, what: str):
+    """The spec, input size and constructor overrides of an architecture's train step.
+
+    Args:
+      arch: registry name (an image model or ``transformer``).
+      size: image side (sequence length for ``transformer``); the spec's default
+        when None.
+      what: the caller, for the error ("bench.train_step times").
+
+    Returns:
+      ``(spec, size, overrides)``.
+
+    Raises:
+      ValueError: a model kind the step does not cover, or too small an input.
+    """
+    import jaxnets
+
+    spec = jaxnets.get_spec(arch)
+    if spec.kind not in ("image", "sequence"):
+        raise ValueError(f"{arch} is a {spec.kind!r} model; {what} image models and the "
+                         "transformer")
+    if size is None:
+        size = 32 if spec.kind == "sequence" else spec.input_size[0]
+    if spec.kind == "image" and size < spec.min_size[0]:
+        raise ValueError(f"{arch} needs inputs of at least {spec.min_size[0]} pixels, got {size}")
+    # Dropout draws differ between frameworks anyway; 0 keeps the work equal.
+    return spec, size, {"dropout": 0.0} if spec.kind == "sequence" else {}
+
+
 def bench_arch(arch: str, *, batch: int, size: int | None, precision: str, steps: int,
                warmup: int, compile_too: bool = True, tf32: bool = True) -> Result:
     """Time one architecture on both sides.
@@ -339,17 +368,8 @@ def bench_arch(arch: str, *, batch: int, size: int | None, precision: str, steps
     from porting.reference import build_torch_model
     from porting.state_dict import load_torch_state_dict
 
-    spec = jaxnets.get_spec(arch)
-    if spec.kind not in ("image", "sequence"):
-        raise ValueError(f"{arch} is a {spec.kind!r} model; bench.train_step times image "
-                         "models and the transformer")
-    if size is None:
-        size = 32 if spec.kind == "sequence" else spec.input_size[0]
-    if spec.kind == "image" and size < spec.min_size[0]:
-        raise ValueError(f"{arch} needs inputs of at least {spec.min_size[0]} pixels, got {size}")
+    spec, size, overrides = step_setup(arch, size, "bench.train_step times")
     torch.manual_seed(0)
-    # Dropout draws differ between frameworks anyway; 0 keeps the work equal.
-    overrides = {"dropout": 0.0} if spec.kind == "sequence" else {}
     tmodel = build_torch_model(arch, **overrides)
     model = jaxnets.create_model(arch, **overrides)
     load_torch_state_dict(model, tmodel.state_dict(), strict=True)
