@@ -1,4 +1,4 @@
-"""Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions and BatchNorm.
+"""Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions, BatchNorm, dense.
 
     python -m bench.conv_ops [--batch 8] [--size 56] [--repeat 5] [--dtype float32] [--short]
 
@@ -14,7 +14,11 @@ whether ``conv2d`` takes it. Then a train-mode
 BatchNorm + ReLU gradient: autodiff of the plain formula, ``jaxnets.layers.BatchNorm``
 (a closed-form derivative rule) and torch. Medians in ms; the gradients include
 no forward pass on the jax side (XLA drops what the gradient does not need),
-torch's do (its autograd needs the forward).
+torch's do (its autograd needs the forward). Last, a dense layer on tokens
+(ViT-B's widths; ``batch`` x (``size``/4)^2+1 tokens, 197 at the default
+size, as ViT-B/16 at 224): forward, input and kernel gradients through
+``jax.lax.dot_general``, through ``jaxnets.layers.dot_general`` (the leading
+axes merged on CPU) and torch's ``linear``.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import numpy as np
 from flax import nnx
 
 from bench import train_step
-from jaxnets.layers import BatchNorm, _conv_weight_grad, conv_general_dilated
+from jaxnets.layers import BatchNorm, _conv_weight_grad, conv_general_dilated, dot_general
 
-__all__ = ["conv_rows", "batchnorm_rows", "main"]
+__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "main"]
 
 _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -132,6 +136,56 @@ def batchnorm_rows(batch: int, size: int, repeat: int) -> list[dict]:
     return rows
 
 
+def dense_rows(batch: int, size: int, repeat: int) -> list[dict]:
+    """Forward, input gradient and kernel gradient of a dense layer on (batch, L, K)
+    tokens: ViT-B's MLP (768->3072, 3072->768, a (K, N) kernel as ``nnx.Linear``
+    keeps it) and attention input projection (768->2304, torch's (N, K) weight)."""
+    import torch
+
+    tokens = (size // 4) ** 2 + 1
+    rng = np.random.default_rng(2)
+    rows = []
+    for k, n, torch_layout in ((768, 3072, False), (3072, 768, False), (768, 2304, True)):
+        x = jnp.asarray(rng.standard_normal((batch, tokens, k)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((n, k) if torch_layout else (k, n)) * 0.03,
+                        jnp.float32)
+        dy = jnp.asarray(rng.standard_normal((batch, tokens, n)), jnp.float32)
+        dn = (((2,), (1 if torch_layout else 0,)), ((), ()))
+        row = {"shape": f"{batch}x{tokens}x{k} -> {n}" + (" (N, K)" if torch_layout else "")}
+        for name, dot in (("lax", jax.lax.dot_general), ("jaxnets", dot_general)):
+            def f(x, w, dot=dot):
+                return dot(x, w, dn)
+            fwd = jax.jit(f)
+            dx = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(v, w), x)[1](dy)[0])
+            dw = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(x, v), w)[1](dy)[0])
+            row[name] = [_median_ms(fwd, x, w, repeat=repeat),
+                         _median_ms(dx, x, w, dy, repeat=repeat),
+                         _median_ms(dw, x, w, dy, repeat=repeat)]
+        tx = torch.from_numpy(np.array(x)).requires_grad_()
+        tw = torch.from_numpy(np.array(w if torch_layout else w.T)).requires_grad_()
+        tdy = torch.from_numpy(np.array(dy))
+
+        def t_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.linear(tx, tw)
+
+        def t_grad(wrt):
+            return torch.autograd.grad(torch.nn.functional.linear(tx, tw), wrt, tdy)
+
+        row["torch"] = [_median_ms(t_fwd, repeat=repeat), _median_ms(t_grad, tx, repeat=repeat),
+                        _median_ms(t_grad, tw, repeat=repeat)]
+        rows.append(row)
+    return rows
+
+
+def _print_triples(title: str, rows: list[dict], keys: tuple[str, ...], width: int = 26):
+    """Rows of fwd/dx/dw triples, one column per key."""
+    print(f"{title:<{width}} " + " ".join(f"{k + ' fwd/dx/dw':>22}" for k in keys))
+    for r in rows:
+        cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in keys]
+        print(f"{r['shape']:<{width}} " + " ".join(f"{c:>22}" for c in cells))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -140,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="batch 1, 8x8 maps, 1 call: a smoke run")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="convolutions' dtype (float64: what parity's gradients use; the "
-                        "BatchNorm rows are float32 only and are left out)")
+                        "BatchNorm and dense rows are float32 only and are left out)")
     args = p.parse_args(argv)
     if args.short:
         args.batch, args.size, args.repeat = 1, 8, 1
@@ -164,6 +218,8 @@ def main(argv=None) -> int:
     print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")
     for r in batchnorm_rows(args.batch, args.size, args.repeat):
         print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")
+    _print_triples("dense layer", dense_rows(args.batch, args.size, args.repeat),
+                   ("lax", "jaxnets", "torch"))
     return 0
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnets.layers import linear
+from jaxnets.layers import dot_general, linear
 
 __all__ = ["MultiheadAttention", "xavier_uniform", "xavier_normal"]
 
@@ -161,7 +161,9 @@ class MultiheadAttention(nnx.Module):
             wq, wk, wv = w[:e], w[e:2 * e], w[2 * e:]
         else:
             wq, wk, wv = self.q_proj_weight[...], self.k_proj_weight[...], self.v_proj_weight[...]
-        q, k, v = query @ wq.T, key @ wk.T, value @ wv.T
+        # (L, N, E) by the (E_out, E) weights, contracting E: one 2-d matmul each on CPU.
+        q, k, v = (dot_general(t, w, (((t.ndim - 1,), (1,)), ((), ())))
+                   for t, w in ((query, wq), (key, wk), (value, wv)))
         if self.in_proj_bias is not None:
             b = self.in_proj_bias[...]
             q, k, v = q + b[:e], k + b[e:2 * e], v + b[2 * e:]

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.layers import Sequential, check_images, conv2d, fusion_barrier, linear
+from jaxnets.layers import (Sequential, check_images, conv2d, dot_general, fusion_barrier,
+                             linear)
 from jaxnets.registry import register_model
 
 __all__ = ["ViTSelfAttention", "MLPBlock", "EncoderBlock", "Encoder", "VisionTransformer",
@@ -102,7 +103,8 @@ class ViTSelfAttention(nnx.Module):
         b, n, e = x.shape
         h = self.num_heads
         d = e // h
-        qkv = jnp.einsum("ble,fe->blf", x, self.in_proj_weight[...]) + self.in_proj_bias[...]
+        qkv = dot_general(x, self.in_proj_weight[...], (((2,), (1,)), ((), ())))
+        qkv = qkv + self.in_proj_bias[...]
         q, k, v = (t.reshape(b, n, h, d) for t in jnp.split(qkv, 3, axis=-1))
         det = self.attn_drop.deterministic if deterministic is None else deterministic
         dropping = self.attn_drop.rate > 0 and not det

@@ -47,7 +47,8 @@ def test_cli_bad_input_is_one_line(capsys):
 
 
 def test_conv_ops_short_run(capsys):
-    """bench.conv_ops in its smoke mode: every shape timed three ways, finite and positive."""
+    """bench.conv_ops in its smoke mode: every convolution and dense shape timed three
+    ways, finite and positive."""
     from bench import conv_ops
 
     rows = conv_ops.conv_rows(batch=1, size=8, repeat=1)
@@ -60,12 +61,20 @@ def test_conv_ops_short_run(capsys):
         assert r["row_dw"] is None or (math.isfinite(r["row_dw"]) and r["row_dw"] > 0), r
     bn = conv_ops.batchnorm_rows(batch=1, size=8, repeat=1)
     assert [r["shape"] for r in bn] == ["1x16x16x64", "1x8x8x256", "1x4x4x512", "1x2x2x1024"]
+    dense = conv_ops.dense_rows(batch=1, size=8, repeat=1)
+    assert [r["shape"] for r in dense] == ["1x5x768 -> 3072", "1x5x3072 -> 768",
+                                           "1x5x768 -> 2304 (N, K)"]
+    for r in dense:
+        for key in ("lax", "jaxnets", "torch"):
+            assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
     assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
     assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
+    assert "dense layer" in out and "1x5x768 -> 2304 (N, K)" in out
     assert conv_ops.main(["--short", "--dtype", "float64"]) == 0  # parity's gradient dtype
     out = capsys.readouterr().out
     assert "float64" in out and "8x8 64->64 k3 s1" in out and "BatchNorm" not in out
+    assert "dense layer" not in out
     assert not jax.config.jax_enable_x64  # switched on for the run only
     try:
         conv_ops.main(["--size", "12"])

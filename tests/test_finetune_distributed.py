@@ -138,6 +138,41 @@ _CONV_COLLECTIVES_SCRIPT = textwrap.dedent("""
 """)
 
 
+_DENSE_COLLECTIVES_SCRIPT = textwrap.dedent("""
+    import collections, json, re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jaxnets import layers
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.device_put(jnp.ones((16, 10, 32)), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jnp.ones((32, 24)), NamedSharding(mesh, P()))
+    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+    def collectives(dot):
+        loss = lambda w, x: jnp.sum(dot(x, w, (((2,), (0,)), ((), ()))) ** 2)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)),
+                       out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
+        hlo = grad.lower(w, x).compile().as_text()
+        ops = re.findall(r"= \\S+ ([a-z-]+?)(?:-start)?\\(", hlo)
+        return collections.Counter(o for o in ops if o in kinds)
+
+    print(json.dumps({"jaxnets": collectives(layers.dot_general),
+                      "lax": collectives(jax.lax.dot_general)}))
+""")
+
+
+def test_dense_on_sharded_tokens_keeps_lax_collectives_over_8_devices():
+    """``layers.dot_general`` merges a batch-sharded (B, L, K) input's leading axes on
+    CPU: the merged rows stay sharded, so the gradient program has ``lax``'s
+    collectives: one all-reduce for the kernel gradient, no gather."""
+    proc = subprocess.run([sys.executable, "-c", _DENSE_COLLECTIVES_SCRIPT], cwd=REPO,
+                          env=_env(8), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["jaxnets"] == r["lax"] == {"all-reduce": 1}, r
+
+
 def test_vit_fusion_barriers_add_no_collective_over_8_devices():
     """``EncoderBlock``'s ``fusion_barrier``s read their predicate from a LayerNorm
     scale (replicated), not from the batch-sharded tokens: the data-parallel gradient

@@ -456,3 +456,49 @@ def test_fusion_barrier_is_the_identity_in_every_mode():
     assert jax.jit(ours).lower(x).compile().as_text().count("conditional(") == 1
     # The forward pass's, and the cotangent's in reverse mode.
     assert jax.jit(jax.grad(ours)).lower(x).compile().as_text().count("conditional(") == 2
+
+
+def test_dot_general_merges_leading_axes_and_keeps_lax_values():
+    """``layers.dot_general`` (``linear``'s, ViT's and attention's input projections):
+    the values and both gradients are ``lax.dot_general``'s for a (K, N) and an (N, K)
+    kernel; on CPU a (B, L, K) input's kernel gradient is one 2-d matmul on its operands
+    as they lie (bitcasts, no transposed copy); other shapes go to ``lax`` unchanged."""
+    import re
+
+    from jaxnets.layers import dot_general, linear
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((4, 16, 32)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((4, 16, 64)), jnp.float32)
+    for kernel_axis in (0, 1):
+        w = jnp.asarray(rng.standard_normal((32, 64) if kernel_axis == 0 else (64, 32)),
+                        jnp.float32)
+        dn = (((2,), (kernel_axis,)), ((), ()))
+        ours, vjp = jax.vjp(lambda a, b: dot_general(a, b, dn), x, w)
+        ref, vjp_ref = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dn), x, w)
+        assert ours.shape == ref.shape == (4, 16, 64)
+        for u, v in zip((ours, *vjp(dy)), (ref, *vjp_ref(dy)), strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+        if jax.default_backend() == "cpu":
+            dw = jax.jit(lambda a, b, g: jax.vjp(lambda v: dot_general(a, v, dn), b)[1](g)[0])
+            hlo = dw.lower(x, w, dy).compile().as_text()
+            entry = hlo[hlo.index("\nENTRY"):].splitlines()[1:]
+            ops = [m.group(1) for m in map(re.compile(r".* = \S+ ([a-z-]+)\(").match, entry)
+                   if m]
+            assert sorted(set(ops)) == ["bitcast", "dot", "parameter"], ops
+    # Left to lax: a 2-d input, batch axes, more than one contracted axis, and no data.
+    cases = [(jnp.ones((5, 32)), jnp.ones((32, 3)), (((1,), (0,)), ((), ()))),
+             (jnp.ones((2, 5, 32)), jnp.ones((2, 32, 3)), (((2,), (1,)), ((0,), (0,)))),
+             (jnp.ones((2, 5, 32)), jnp.ones((5, 32, 3)), (((1, 2), (0, 1)), ((), ())))]
+    for a, b, dn in cases:
+        assert (str(jax.make_jaxpr(lambda a, b: dot_general(a, b, dn))(a, b))
+                == str(jax.make_jaxpr(lambda a, b: jax.lax.dot_general(a, b, dn))(a, b)))
+    empty = dot_general(jnp.ones((0, 5, 32)), jnp.ones((32, 3)), (((2,), (0,)), ((), ())))
+    assert empty.shape == (0, 5, 3)
+    assert dot_general(jnp.ones((2, 5, 0)), jnp.ones((0, 3)),
+                       (((2,), (0,)), ((), ()))).shape == (2, 5, 3)
+    layer = linear(32, 64, rngs=nnx.Rngs(0))
+    assert layer.dot_general is dot_general
+    np.testing.assert_allclose(
+        np.asarray(layer(x)), np.asarray(x @ layer.kernel[...] + layer.bias[...]),
+        rtol=1e-5, atol=1e-5)
