@@ -111,6 +111,11 @@ def test_profile_step_names_the_operations_of_a_short_run(tmp_path):
     assert all(op["ms"] >= 0 and re.match(r"(\(|[a-z]+\d*\[)", op["shape"]) for op in p["ops"])
     assert sum(op["ms"] > 0 for op in p["ops"]) > len(p["ops"]) // 2
     assert math.isclose(sum(p["by_kind"].values()), sum(op["ms"] for op in p["ops"]))
+    # LeNet's plain convolutions are XLA:CPU library calls, timed at their hand-over.
+    handed = [op for op in p["ops"] if op["handed_over"]]
+    assert handed and {op["kind"] for op in handed} <= {"dot", "convolution"}, handed
+    assert any(k.endswith(" (handed over)") for k in p["by_kind"]), p["by_kind"]
+    assert f"{len(handed)} operations (handed over)" in proc.stdout
     table = [row for row in proc.stdout.splitlines() if row.startswith("| ")]
     assert len(table) == 1 + 5 + 1 + len(p["by_kind"]), proc.stdout  # headers, rows
     assert "Largest fusions" in proc.stdout
@@ -147,11 +152,13 @@ ENTRY %main (a: f32[4], b: f32[4]) -> (f32[4], f32[]) {
 
 def test_profile_step_reads_compiled_hlo_text():
     """Instructions are named with their kind, shape and fusion operands, a
-    multi-output fusion (a tuple shape, spaces inside) included; the program's
-    operations are its entry instructions less parameters, tuples and their elements."""
+    multi-output fusion (a tuple shape, spaces inside) included, and plain dots marked
+    as library calls; the program's operations are its entry instructions less
+    parameters, tuples and their elements."""
     from bench.profile_step import describe_instructions, program_operations
 
     d = describe_instructions(_HLO)
-    assert d["fusion.3"] == ("transpose/copy", "(f32[4]{0}, f32[4]{0})", 2)
-    assert d["d"] == ("dot", "f32[]", 0) and d["add"] == ("add", "f32[4]{0}", 0)
+    assert d["fusion.3"] == ("transpose/copy", "(f32[4]{0}, f32[4]{0})", 2, False)
+    # A plain dot is a library call (XLA:CPU runs it in Eigen, after its event).
+    assert d["d"] == ("dot", "f32[]", 0, True) and d["add"] == ("add", "f32[4]{0}", 0, False)
     assert program_operations(_HLO) == {"fusion.3", "d"}
