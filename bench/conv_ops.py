@@ -18,7 +18,11 @@ torch's do (its autograd needs the forward). Last, a dense layer on tokens
 (ViT-B's widths; ``batch`` x (``size``/4)^2+1 tokens, 197 at the default
 size, as ViT-B/16 at 224): forward, input and kernel gradients through
 ``jax.lax.dot_general``, through ``jaxnets.layers.dot_general`` (the leading
-axes merged on CPU) and torch's ``linear``.
+axes merged on CPU) and torch's ``linear``; and ViT-B's attention (12 heads of
+64 over those tokens), forward and forward + backward, through
+``jax.nn.dot_product_attention``, ``jaxnets.layers.dot_product_attention``
+(heads moved before the tokens on CPU) and torch's
+``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import numpy as np
 from flax import nnx
 
 from bench import train_step
-from jaxnets.layers import BatchNorm, _conv_weight_grad, conv_general_dilated, dot_general
+from jaxnets.layers import (BatchNorm, _conv_weight_grad, conv_general_dilated, dot_general,
+                            dot_product_attention)
 
-__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "main"]
+__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "main"]
 
 _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -178,6 +183,36 @@ def dense_rows(batch: int, size: int, repeat: int) -> list[dict]:
     return rows
 
 
+def attention_rows(batch: int, size: int, repeat: int) -> list[dict]:
+    """ViT-B's attention over (batch, (size/4)^2+1 tokens, 12 heads, 64): forward and
+    forward + backward, ms."""
+    import torch
+
+    shape = (batch, (size // 4) ** 2 + 1, 12, 64)
+    rng = np.random.default_rng(3)
+    q, k, v, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+    row = {"shape": "x".join(map(str, shape))}
+    for name, attend in (("jax.nn", jax.nn.dot_product_attention),
+                         ("jaxnets", dot_product_attention)):
+        fwd = jax.jit(attend)
+        both = jax.jit(lambda q, k, v, g, attend=attend: jax.vjp(attend, q, k, v)[1](g))
+        row[name] = [_median_ms(fwd, q, k, v, repeat=repeat),
+                     _median_ms(both, q, k, v, g, repeat=repeat)]
+    tq, tk, tv = (torch.from_numpy(np.array(a)).transpose(1, 2).requires_grad_()
+                  for a in (q, k, v))
+    tg = torch.from_numpy(np.array(g)).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def t_fwd():
+        with torch.no_grad():
+            return sdpa(tq, tk, tv)
+
+    row["torch"] = [_median_ms(t_fwd, repeat=repeat),
+                    _median_ms(lambda: torch.autograd.grad(sdpa(tq, tk, tv), (tq, tk, tv), tg),
+                               repeat=repeat)]
+    return [row]
+
+
 def _print_triples(title: str, rows: list[dict], keys: tuple[str, ...], width: int = 26):
     """Rows of fwd/dx/dw triples, one column per key."""
     print(f"{title:<{width}} " + " ".join(f"{k + ' fwd/dx/dw':>22}" for k in keys))
@@ -194,7 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="batch 1, 8x8 maps, 1 call: a smoke run")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="convolutions' dtype (float64: what parity's gradients use; the "
-                        "BatchNorm and dense rows are float32 only and are left out)")
+                        "BatchNorm, dense and attention rows are float32 only and are left out)")
     args = p.parse_args(argv)
     if args.short:
         args.batch, args.size, args.repeat = 1, 8, 1
@@ -220,6 +255,11 @@ def main(argv=None) -> int:
         print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")
     _print_triples("dense layer", dense_rows(args.batch, args.size, args.repeat),
                    ("lax", "jaxnets", "torch"))
+    print(f"{'attention':<26} " + " ".join(
+        f"{k + ' fwd/fwd+bwd':>22}" for k in ("jax.nn", "jaxnets", "torch")))
+    for r in attention_rows(args.batch, args.size, args.repeat):
+        cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in ("jax.nn", "jaxnets", "torch")]
+        print(f"{r['shape']:<26} " + " ".join(f"{c:>22}" for c in cells))
     return 0
 
 

@@ -20,7 +20,9 @@ into gradients).
 
 Two computations, same numbers: without requested weights and without active
 dropout the module calls ``jax.nn.dot_product_attention`` (XLA here, cuDNN's
-fused kernel on GPUs where it applies); otherwise it computes the softmax
+fused kernel on GPUs where it applies; without masks,
+``jaxnets.layers.dot_product_attention``, which on CPU is the same arithmetic
+with the heads moved before the tokens); otherwise it computes the softmax
 explicitly so the weights can be returned or dropped out.
 """
 
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnets.layers import dot_general, linear
+from jaxnets.layers import dot_general, dot_product_attention, linear
 
 __all__ = ["MultiheadAttention", "xavier_uniform", "xavier_normal"]
 
@@ -293,7 +295,11 @@ class MultiheadAttention(nnx.Module):
                 floats = any(m is not None and jnp.asarray(m).dtype != jnp.bool_
                              for m in (attn_mask, key_padding_mask))
                 add = jnp.where(mask, bias, 0.0).astype(dtype) if floats else None
-            out = jax.nn.dot_product_attention(q, k, v, bias=add, mask=mask, is_causal=causal)
+            if mask is None and not causal:
+                out = dot_product_attention(q, k, v)  # jax's, faster on CPU
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, bias=add, mask=mask,
+                                                   is_causal=causal)
             if mask is not None:
                 # dot_product_attention spreads a fully blocked row evenly over its keys;
                 # torch (and the explicit path) give such a row zero weight.

@@ -379,6 +379,46 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
+_ATTENTION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float64))
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """``jax.nn.dot_product_attention(query, key, value)``, no mask or bias; on CPU
+    with the heads moved before the tokens.
+
+    jax's XLA path contracts (batch, tokens, heads, dim) arrays in place, and
+    XLA:CPU then runs the batched products over (batch, heads) through
+    transposed copies of the logits and their gradients. Moving the heads in
+    front first (three small transposes) makes every product batched over
+    leading axes: ViT-B/16's attention (batch 8, 197 tokens, 12 heads of 64),
+    forward and backward, 44 ms against 67 (``python -m bench.conv_ops``, its
+    attention row). The arithmetic is jax's: logits in float32 at least, then
+    scaled by 1/sqrt(dim), a float32 softmax, the probabilities in the inputs'
+    dtype; bfloat16 products accumulate in float32 as jax's do. Other dtypes,
+    and other backends, go to ``jax.nn.dot_product_attention``.
+
+    Args:
+      query: (batch, T, heads, dim).
+      key: (batch, S, heads, dim).
+      value: (batch, S, heads, dim).
+
+    Returns:
+      (batch, T, heads, dim).
+    """
+    dtype = jnp.dtype(query.dtype)
+    if (jax.default_backend() != "cpu" or dtype not in _ATTENTION_DTYPES or query.ndim != 4
+            or key.ndim != 4 or key.shape != value.shape or query.shape[2:] != key.shape[2:]
+            or not key.dtype == value.dtype == dtype):
+        return jax.nn.dot_product_attention(query, key, value)
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dtype == jnp.bfloat16 else None
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (query, key, value))
+    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, precision=precision,
+                        preferred_element_type=jnp.promote_types(query.dtype, jnp.float32))
+    logits = logits * jnp.array(1.0 / math.sqrt(query.shape[-1]), logits.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(key.dtype)
+    return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", probs, v), 1, 2)
+
+
 def linear(in_features: int, out_features: int, *, bias: bool = True, kernel_init=None,
            bias_init=None, rngs: nnx.Rngs) -> nnx.Linear:
     """A ``torch.nn.Linear``-equivalent ``nnx.Linear`` with torch's default init

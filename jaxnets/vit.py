@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.layers import (Sequential, check_images, conv2d, dot_general, fusion_barrier,
-                             linear)
+from jaxnets.layers import (Sequential, check_images, conv2d, dot_general,
+                             dot_product_attention, fusion_barrier, linear)
 from jaxnets.registry import register_model
 
 __all__ = ["ViTSelfAttention", "MLPBlock", "EncoderBlock", "Encoder", "VisionTransformer",
@@ -117,7 +117,7 @@ class ViTSelfAttention(nnx.Module):
             weights = self.attn_drop(weights, deterministic=det)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:
-            out = jax.nn.dot_product_attention(q, k, v)
+            out = dot_product_attention(q, k, v)
         out = self.out_proj(out.reshape(b, n, e))
         return (out, weights) if need_weights else out
 

@@ -67,10 +67,15 @@ def test_conv_ops_short_run(capsys):
     for r in dense:
         for key in ("lax", "jaxnets", "torch"):
             assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
+    (attention,) = conv_ops.attention_rows(batch=1, size=8, repeat=1)
+    assert attention["shape"] == "1x5x12x64"
+    for key in ("jax.nn", "jaxnets", "torch"):
+        assert len(attention[key]) == 2 and all(math.isfinite(v) and v > 0
+                                                for v in attention[key]), attention
     assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
     assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
-    assert "dense layer" in out and "1x5x768 -> 2304 (N, K)" in out
+    assert "dense layer" in out and "1x5x768 -> 2304 (N, K)" in out and "1x5x12x64" in out
     assert conv_ops.main(["--short", "--dtype", "float64"]) == 0  # parity's gradient dtype
     out = capsys.readouterr().out
     assert "float64" in out and "8x8 64->64 k3 s1" in out and "BatchNorm" not in out
