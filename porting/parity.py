@@ -518,7 +518,7 @@ def _build_pair(arch, overrides, state_dict, seed, size, batch):
 
     # Shape-only build, filled by the load: a 100M-parameter model is not
     # initialised just to be overwritten.
-    num_classes = _num_classes(tmodel, spec)
+    num_classes = _num_classes(tmodel.state_dict(), spec)
     fmodel = build_abstract(arch, num_classes, **overrides)
     load_torch_state_dict(fmodel, tmodel.state_dict(), strict=True)
     materialize(fmodel, arch, num_classes, seed, **overrides)
@@ -539,6 +539,11 @@ def _torch_model_from(arch, overrides, state_dict):
     for k, v in state_dict.items():
         t = v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
         own[k] = t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
+    spec = jaxnets.get_spec(arch)
+    head = _num_classes(own, spec)
+    if "num_classes" not in overrides and head not in (None, spec.num_classes):
+        # A fine-tuned checkpoint: both models take its head's class count.
+        overrides = {**overrides, "num_classes": head}
     with torch.device("meta"):
         tmodel = build_torch_model(arch, **overrides)
     tmodel.load_state_dict(own, strict=True, assign=True)
@@ -607,7 +612,9 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
       arch: registry name of an image or vector model.
       size: input (height, width); the spec's default when None.
       batch: batch size.
-      state_dict: torch weights to use instead of a random initialisation.
+      state_dict: torch weights to use instead of a random initialisation. Both
+        models take its classifier head's class count unless ``overrides`` names
+        ``num_classes``.
       seed: seed for the weights, the statistics, the input and the loss.
       jit: run the jax side under ``jax.jit`` (True: one compile per pass), op by op
         (False), or ``"blocks"``: op by op except for repeated blocks, each distinct
@@ -775,8 +782,9 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
     return [tuple(x.shape)] + qs
 
 
-def _num_classes(tmodel, spec) -> int | None:
-    for k, v in tmodel.state_dict().items():
-        if re.search(spec.head, k) and k.endswith("weight"):
-            return int(v.shape[0])
+def _num_classes(state_dict, spec) -> int | None:
+    """The outputs of the first classifier head weight in a torch ``state_dict``."""
+    for k, v in state_dict.items():
+        if spec.head and re.search(spec.head, k) and k.endswith("weight"):
+            return int(np.shape(v)[0])
     return None

@@ -153,3 +153,22 @@ def test_given_weights_are_used_in_float32_and_left_as_they_were():
     result = run_parity("resnet18_cifar", size=(32, 32), batch=2, state_dict=sd, grads=False)
     assert result.passed, result.table()
     assert all(torch.equal(sd[k], before[k]) and sd[k].dtype == before[k].dtype for k in sd)
+
+
+def test_given_weights_with_another_head_size_set_both_models_class_count():
+    # A fine-tuned checkpoint (7 classes where the spec says 10): both models are built
+    # with its head's size, without the caller passing num_classes (torch's strict load
+    # failed on the head's shape before).
+    import torch
+
+    from porting.parity import randomize_torch_model, run_parity
+    from porting.reference import build_torch_model
+
+    torch.manual_seed(4)
+    tmodel = build_torch_model("lenet5", num_classes=7)
+    randomize_torch_model(tmodel, seed=4)
+    result = run_parity("lenet5", batch=2, state_dict=tmodel.state_dict())
+    assert result.passed, result.table()
+    with pytest.raises(RuntimeError, match="size mismatch"):  # an explicit count is kept
+        run_parity("lenet5", batch=2, state_dict=tmodel.state_dict(),
+                   overrides={"num_classes": 10})
