@@ -1,4 +1,5 @@
-"""Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions, BatchNorm, dense.
+"""Per-op timings behind ``jaxnets.layers``' CPU detours: convolutions, BatchNorm, dense
+layers and attention.
 
     python -m bench.conv_ops [--batch 8] [--size 56] [--repeat 5] [--dtype float32] [--short]
 
@@ -213,12 +214,12 @@ def attention_rows(batch: int, size: int, repeat: int) -> list[dict]:
     return [row]
 
 
-def _print_triples(title: str, rows: list[dict], keys: tuple[str, ...], width: int = 26):
-    """Rows of fwd/dx/dw triples, one column per key."""
-    print(f"{title:<{width}} " + " ".join(f"{k + ' fwd/dx/dw':>22}" for k in keys))
+def _print_rows(title: str, rows: list[dict], keys: tuple[str, ...], what: str):
+    """A table of timings: one column per key, its figures ``what`` joined by "/"."""
+    print(f"{title:<26} " + " ".join(f"{k + ' ' + what:>22}" for k in keys))
     for r in rows:
         cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in keys]
-        print(f"{r['shape']:<{width}} " + " ".join(f"{c:>22}" for c in cells))
+        print(f"{r['shape']:<26} " + " ".join(f"{c:>22}" for c in cells))
 
 
 def main(argv=None) -> int:
@@ -229,7 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="batch 1, 8x8 maps, 1 call: a smoke run")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="convolutions' dtype (float64: what parity's gradients use; the "
-                        "BatchNorm, dense and attention rows are float32 only and are left out)")
+                        "BatchNorm, dense and attention rows are float32 only and are "
+                        "left out)")
     args = p.parse_args(argv)
     if args.short:
         args.batch, args.size, args.repeat = 1, 8, 1
@@ -253,13 +255,10 @@ def main(argv=None) -> int:
     print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")
     for r in batchnorm_rows(args.batch, args.size, args.repeat):
         print(f"{r['shape']:<26} {r['autodiff']:>10.1f} {r['jaxnets']:>10.1f} {r['torch']:>10.1f}")
-    _print_triples("dense layer", dense_rows(args.batch, args.size, args.repeat),
-                   ("lax", "jaxnets", "torch"))
-    print(f"{'attention':<26} " + " ".join(
-        f"{k + ' fwd/fwd+bwd':>22}" for k in ("jax.nn", "jaxnets", "torch")))
-    for r in attention_rows(args.batch, args.size, args.repeat):
-        cells = ["/".join(f"{v:.1f}" for v in r[k]) for k in ("jax.nn", "jaxnets", "torch")]
-        print(f"{r['shape']:<26} " + " ".join(f"{c:>22}" for c in cells))
+    _print_rows("dense layer", dense_rows(args.batch, args.size, args.repeat),
+                ("lax", "jaxnets", "torch"), "fwd/dx/dw")
+    _print_rows("attention", attention_rows(args.batch, args.size, args.repeat),
+                ("jax.nn", "jaxnets", "torch"), "fwd/fwd+bwd")
     return 0
 
 

@@ -19,9 +19,9 @@ which this command adds to ``XLA_FLAGS`` before jax starts (a caller that
 imported jax already must set it). There, plain (unfused) dots and convolutions
 are handed to Eigen on XLA's thread pool, and their events can end before their
 work does: the report marks them "(handed over)" and sums them apart in the
-time per kind; their work shows up as slower operations beside them. On GPU the "XLA Ops" line of each device is
-read. Times are of one run on a shared machine: compare shares, not absolute
-figures.
+time per kind; their work shows up as slower operations beside them. On GPU
+the "XLA Ops" line of each device is read. Times are of one run on a shared
+machine: compare shares, not absolute figures.
 """
 
 from __future__ import annotations

@@ -353,9 +353,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
     A dense layer on tokens, (batch, L, K) by (K, N), is a dot whose kernel
     gradient contracts two axes (batch and L). XLA:CPU canonicalises that
-    gradient by copying the output gradient transposed, then runs a matmul form
-    about 1.6x slower than a plain one (ViT-B/16's MLP, 1576 tokens, 768x3072:
-    43 ms against 26.5, plus the 6 ms copy; ``python -m bench.conv_ops``, its dense rows).
+    gradient by copying the output gradient transposed, then runs a slower
+    matmul form (ViT-B/16's first MLP layer, 1576 tokens, 768 -> 3072: a kernel
+    gradient of 54 ms against 30; ``python -m bench.conv_ops``, its dense rows).
     Flattening the leading axes first makes the gradient a 2-d matmul that
     contracts one axis, with no copy; the values are the same sums.
 
@@ -391,7 +391,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     transposed copies of the logits and their gradients. Moving the heads in
     front first (three small transposes) makes every product batched over
     leading axes: ViT-B/16's attention (batch 8, 197 tokens, 12 heads of 64),
-    forward and backward, 44 ms against 67 (``python -m bench.conv_ops``, its
+    forward and backward, 52 ms against 81 (``python -m bench.conv_ops``, its
     attention row). The arithmetic is jax's: logits in float32 at least, then
     scaled by 1/sqrt(dim), a float32 softmax, the probabilities in the inputs'
     dtype; bfloat16 products accumulate in float32 as jax's do. Other dtypes,
