@@ -251,9 +251,8 @@ def format_report(p: Profile, top: int = 20, fusions: int = 5) -> str:
     if handed:
         lines.append(f"{handed} operations{_HANDED_OVER}: plain dots and convolutions, which "
                      "XLA:CPU hands to Eigen on its thread pool. Their events can end before "
-                     "their work does (a lone 1576x768x3072 dot: 7 ms of event in a 31 ms "
-                     "run); the rest runs inside the time of the operations it overlaps, "
-                     "which run slower for it.")
+                     "their work does; the rest runs inside the time of the operations it "
+                     "overlaps, which run slower for it (bench/README.md).")
     lines += ["", "| operation | kind | output | operands | ms/step | share |",
               "|---|---|---|---|---|---|"]
     for op in p.ops[:top]:
