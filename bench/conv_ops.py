@@ -49,6 +49,31 @@ def _median_ms(fn, *args, repeat: int) -> float:
     return train_step._median_ms(lambda: fn(*args), jax.block_until_ready, repeat, 1)
 
 
+def _jax_fwd_dx_dw(f, x, w, dy, repeat: int) -> list[float]:
+    """Median ms of ``f(x, w)``, its input gradient and its weight gradient (jitted)."""
+    fwd = jax.jit(f)
+    dx = jax.jit(lambda x, w, dy: jax.vjp(lambda v: f(v, w), x)[1](dy)[0])
+    dw = jax.jit(lambda x, w, dy: jax.vjp(lambda v: f(x, v), w)[1](dy)[0])
+    return [_median_ms(fwd, x, w, repeat=repeat), _median_ms(dx, x, w, dy, repeat=repeat),
+            _median_ms(dw, x, w, dy, repeat=repeat)]
+
+
+def _torch_fwd_dx_dw(op, tx, tw, tdy, repeat: int) -> list[float]:
+    """Median ms of torch's ``op(tx, tw)`` (no grad), and of its input and weight
+    gradients (each with the forward autograd needs)."""
+    import torch
+
+    def t_fwd():
+        with torch.no_grad():
+            return op(tx, tw)
+
+    def t_grad(wrt):
+        return torch.autograd.grad(op(tx, tw), wrt, tdy)
+
+    return [_median_ms(t_fwd, repeat=repeat), _median_ms(t_grad, tx, repeat=repeat),
+            _median_ms(t_grad, tw, repeat=repeat)]
+
+
 def _shapes(size: int):
     """(map side, in, out, kernel, stride, padding): ResNet-50's convolutions by stage
     (the stem, then a 1x1 / 3x3 / strided 3x3 of each kind)."""
@@ -74,14 +99,9 @@ def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> lis
         row = {"shape": f"{side}x{side} {cin}->{cout} k{k} s{s}"}
         for name, conv in (("lax", jax.lax.conv_general_dilated),
                            ("jaxnets", conv_general_dilated)):
-            def f(x, w, conv=conv):
-                return conv(x, w, (s, s), ((p, p), (p, p)), dimension_numbers=_DN)
-            fwd = jax.jit(f)
-            dx = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(v, w), x)[1](dy)[0])
-            dw = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(x, v), w)[1](dy)[0])
-            row[name] = [_median_ms(fwd, x, w, repeat=repeat),
-                         _median_ms(dx, x, w, dy, repeat=repeat),
-                         _median_ms(dw, x, w, dy, repeat=repeat)]
+            row[name] = _jax_fwd_dx_dw(
+                lambda x, w, conv=conv: conv(x, w, (s, s), ((p, p), (p, p)),
+                                             dimension_numbers=_DN), x, w, dy, repeat)
         # The 1-d convolution weight gradient on its own, whether or not the shape has
         # the output positions for conv_general_dilated to take it (the threshold's basis).
         row["row_dw"] = (None if k == 1 else _median_ms(jax.jit(
@@ -93,18 +113,9 @@ def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> lis
         tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
         tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy()).contiguous(
             memory_format=torch.channels_last)
-
-        def t_fwd():
-            with torch.no_grad():
-                return torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
-
-        def t_grad(wrt):
-            y = torch.nn.functional.conv2d(tx, tw, stride=s, padding=p)
-            return torch.autograd.grad(y, wrt, tdy)
-
-        row["torch"] = [_median_ms(t_fwd, repeat=repeat),
-                        _median_ms(t_grad, tx, repeat=repeat),
-                        _median_ms(t_grad, tw, repeat=repeat)]
+        row["torch"] = _torch_fwd_dx_dw(
+            lambda a, b: torch.nn.functional.conv2d(a, b, stride=s, padding=p), tx, tw, tdy,
+            repeat)
         rows.append(row)
     return rows
 
@@ -159,27 +170,11 @@ def dense_rows(batch: int, size: int, repeat: int) -> list[dict]:
         dn = (((2,), (1 if torch_layout else 0,)), ((), ()))
         row = {"shape": f"{batch}x{tokens}x{k} -> {n}" + (" (N, K)" if torch_layout else "")}
         for name, dot in (("lax", jax.lax.dot_general), ("jaxnets", dot_general)):
-            def f(x, w, dot=dot):
-                return dot(x, w, dn)
-            fwd = jax.jit(f)
-            dx = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(v, w), x)[1](dy)[0])
-            dw = jax.jit(lambda x, w, dy, f=f: jax.vjp(lambda v: f(x, v), w)[1](dy)[0])
-            row[name] = [_median_ms(fwd, x, w, repeat=repeat),
-                         _median_ms(dx, x, w, dy, repeat=repeat),
-                         _median_ms(dw, x, w, dy, repeat=repeat)]
+            row[name] = _jax_fwd_dx_dw(lambda x, w, dot=dot: dot(x, w, dn), x, w, dy, repeat)
         tx = torch.from_numpy(np.array(x)).requires_grad_()
         tw = torch.from_numpy(np.array(w if torch_layout else w.T)).requires_grad_()
         tdy = torch.from_numpy(np.array(dy))
-
-        def t_fwd():
-            with torch.no_grad():
-                return torch.nn.functional.linear(tx, tw)
-
-        def t_grad(wrt):
-            return torch.autograd.grad(torch.nn.functional.linear(tx, tw), wrt, tdy)
-
-        row["torch"] = [_median_ms(t_fwd, repeat=repeat), _median_ms(t_grad, tx, repeat=repeat),
-                        _median_ms(t_grad, tw, repeat=repeat)]
+        row["torch"] = _torch_fwd_dx_dw(torch.nn.functional.linear, tx, tw, tdy, repeat)
         rows.append(row)
     return rows
 
