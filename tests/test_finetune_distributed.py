@@ -84,16 +84,35 @@ def _env(devices: int) -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-_VIT_COLLECTIVES_SCRIPT = textwrap.dedent("""
-    import json
+def _run_on_8_devices(script: str) -> dict:
+    """Run a script in a process with 8 CPU devices; the JSON of its last line."""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(8),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# What the collective-counting scripts share: a 1-d "data" mesh over the devices and
+# ``collectives(hlo)``, the collective operations of a compiled program by kind.
+_COLLECTIVES_PRELUDE = textwrap.dedent("""
+    import collections, json, re
     import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxnets import vit
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    x = jax.device_put(jnp.ones((16, 32, 32, 3)), NamedSharding(mesh, P("data")))
     kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+    def collectives(hlo):
+        ops = re.findall(r"= \\S+ ([a-z-]+?)(?:-start)?\\(", hlo)
+        return collections.Counter(o for o in ops if o in kinds)
+""")
+
+
+_VIT_COLLECTIVES_SCRIPT = _COLLECTIVES_PRELUDE + textwrap.dedent("""
+    from flax import nnx
+    from jaxnets import vit
+
+    x = jax.device_put(jnp.ones((16, 32, 32, 3)), NamedSharding(mesh, P("data")))
 
     def program():
         model = vit.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
@@ -112,13 +131,9 @@ _VIT_COLLECTIVES_SCRIPT = textwrap.dedent("""
 """)
 
 
-_CONV_COLLECTIVES_SCRIPT = textwrap.dedent("""
-    import collections, json, re
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+_CONV_COLLECTIVES_SCRIPT = _COLLECTIVES_PRELUDE + textwrap.dedent("""
     from jaxnets import layers
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.device_put(jnp.ones((64, 32, 32, 64)), NamedSharding(mesh, P("data")))
     w = jax.device_put(jnp.ones((3, 3, 64, 64)), NamedSharding(mesh, P()))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -128,37 +143,27 @@ _CONV_COLLECTIVES_SCRIPT = textwrap.dedent("""
         return jnp.sum(y ** 2)
 
     grad = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, P()))
-    hlo = grad.lower(w, x).compile().as_text()
-    ops = re.findall(r"= \\S+ ([a-z-]+?)(?:-start)?\\(", hlo)
-    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
     eqns = jax.make_jaxpr(jax.grad(loss))(w, x).eqns
-    print(json.dumps({"collectives": collections.Counter(o for o in ops if o in kinds),
+    print(json.dumps({"collectives": collectives(grad.lower(w, x).compile().as_text()),
                       "conv_ndims": [e.invars[0].aval.ndim for e in eqns
                                      if e.primitive.name == "conv_general_dilated"]}))
 """)
 
 
-_DENSE_COLLECTIVES_SCRIPT = textwrap.dedent("""
-    import collections, json, re
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+_DENSE_COLLECTIVES_SCRIPT = _COLLECTIVES_PRELUDE + textwrap.dedent("""
     from jaxnets import layers
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     x = jax.device_put(jnp.ones((16, 10, 32)), NamedSharding(mesh, P("data")))
     w = jax.device_put(jnp.ones((32, 24)), NamedSharding(mesh, P()))
-    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
-    def collectives(dot):
+    def gradient_collectives(dot):
         loss = lambda w, x: jnp.sum(dot(x, w, (((2,), (0,)), ((), ()))) ** 2)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)),
                        out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
-        hlo = grad.lower(w, x).compile().as_text()
-        ops = re.findall(r"= \\S+ ([a-z-]+?)(?:-start)?\\(", hlo)
-        return collections.Counter(o for o in ops if o in kinds)
+        return collectives(grad.lower(w, x).compile().as_text())
 
-    print(json.dumps({"jaxnets": collectives(layers.dot_general),
-                      "lax": collectives(jax.lax.dot_general)}))
+    print(json.dumps({"jaxnets": gradient_collectives(layers.dot_general),
+                      "lax": gradient_collectives(jax.lax.dot_general)}))
 """)
 
 
@@ -166,10 +171,7 @@ def test_dense_on_sharded_tokens_keeps_lax_collectives_over_8_devices():
     """``layers.dot_general`` merges a batch-sharded (B, L, K) input's leading axes on
     CPU: the merged rows stay sharded, so the gradient program has ``lax``'s
     collectives: one all-reduce for the kernel gradient, no gather."""
-    proc = subprocess.run([sys.executable, "-c", _DENSE_COLLECTIVES_SCRIPT], cwd=REPO,
-                          env=_env(8), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_on_8_devices(_DENSE_COLLECTIVES_SCRIPT)
     assert r["jaxnets"] == r["lax"] == {"all-reduce": 1}, r
 
 
@@ -178,10 +180,7 @@ def test_vit_fusion_barriers_add_no_collective_over_8_devices():
     scale (replicated), not from the batch-sharded tokens: the data-parallel gradient
     program has the same collectives as without them (reading a token instead added
     one all-reduce per barrier)."""
-    proc = subprocess.run([sys.executable, "-c", _VIT_COLLECTIVES_SCRIPT], cwd=REPO,
-                          env=_env(8), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_on_8_devices(_VIT_COLLECTIVES_SCRIPT)
     barrier, identity = r["barrier"], r["identity"]
     assert barrier.pop("conditional") >= 4 and identity.pop("conditional") == 0, r
     assert barrier == identity and identity["all-reduce"] >= 1, r
@@ -192,19 +191,13 @@ def test_conv_weight_gradient_over_8_devices_is_partial_sums_and_one_all_reduce(
     sharded batch sharded: each device sums its own images and one all-reduce adds
     them up. (With the rows as the major contracted features, XLA gathered the whole
     input and output gradient onto every device instead.)"""
-    proc = subprocess.run([sys.executable, "-c", _CONV_COLLECTIVES_SCRIPT], cwd=REPO,
-                          env=_env(8), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_on_8_devices(_CONV_COLLECTIVES_SCRIPT)
     assert sorted(r["conv_ndims"]) == [3, 4], r  # forward 2-d; kernel gradient 1-d
     assert r["collectives"] == {"all-reduce": 1}, r
 
 
 def test_train_step_on_8_devices_matches_one_device():
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=_env(8),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _run_on_8_devices(_SHARDED_SCRIPT)
     assert r["steps"] == [3, 3]
     assert r["batch_devices"] == [8, 1]
     assert r["state_devices"] == [1, 8]
