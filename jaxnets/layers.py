@@ -286,10 +286,13 @@ def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
         # One matmul over (tap, channel), laid out as the HWIO kernel's rows: no
         # transposes around it (the einsum below moves its unit axes around with a
         # transpose and a copy each way, ~8 per 1x1 convolution of a gradient program).
+        # ``dot_general`` merges (batch, height, width) into one axis, so the kernel
+        # gradient is a 2-d matmul too (lax's 4-d dot had XLA:CPU copy the output
+        # gradient transposed first).
         patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=3)
-        return jax.lax.dot_general(patches, w.reshape(kh * kw * cin_g, cout),
-                                   (((3,), (0,)), ((), ())), precision=precision,
-                                   preferred_element_type=preferred_element_type)
+        return dot_general(patches, w.reshape(kh * kw * cin_g, cout),
+                           (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred_element_type)
     patches = jnp.stack(taps, axis=3).reshape(n, oh, ow, kh * kw, groups, cin_g)
     kernel = w.reshape(kh * kw, cin_g, groups, cout // groups)
     y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,

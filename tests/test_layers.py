@@ -55,6 +55,16 @@ def _compare(jax_fn, torch_fn, x, rng, *, tol, what):
                                atol=tol, err_msg=f"{what} (gradient)")
 
 
+def _entry_ops(fn, *args) -> list[str]:
+    """The distinct opcodes of ``jax.jit(fn)``'s compiled entry computation."""
+    import re
+
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):].splitlines()[1:]
+    return sorted({m.group(1) for m in map(re.compile(r".* = \S+ ([a-z-]+)\(").match, entry)
+                   if m})
+
+
 def _pool_configs(rng, n):
     """Random valid pooling configs plus the named corner cases."""
     named = [
@@ -320,6 +330,15 @@ def test_conv2d_detours_match_torch(hw, k, stride, padding, dilation, groups):
         moved = [e for e in jaxpr.eqns if e.primitive.name == "transpose"
                  and e.outvars[0].aval.size > conv.kernel.size]
         assert not moved, moved
+        if pointwise and stride == 1 and padding == 0:
+            # The kernel gradient of a 1x1 convolution is one 2-d matmul on the input
+            # and the output gradient as they lie: bitcasts and a dot, no transposed
+            # copy (lax's 4-d dot had one in front of its matmul).
+            y = conv(jnp.asarray(x))
+            ops = _entry_ops(lambda v, w, g: jax.vjp(lambda k: layers.conv_general_dilated(
+                v, k, conv.strides, conv.padding, dimension_numbers=dn), w)[1](g)[0],
+                jnp.asarray(x), conv.kernel.get_value(), y)
+            assert ops == ["bitcast", "dot", "parameter"], ops
 
 
 # (n, h, w, cin, cout, kernel, stride, padding, dilation)
@@ -463,8 +482,6 @@ def test_dot_general_merges_leading_axes_and_keeps_lax_values():
     the values and both gradients are ``lax.dot_general``'s for a (K, N) and an (N, K)
     kernel; on CPU a (B, L, K) input's kernel gradient is one 2-d matmul on its operands
     as they lie (bitcasts, no transposed copy); other shapes go to ``lax`` unchanged."""
-    import re
-
     from jaxnets.layers import dot_general, linear
 
     rng = np.random.default_rng(4)
@@ -480,12 +497,9 @@ def test_dot_general_merges_leading_axes_and_keeps_lax_values():
         for u, v in zip((ours, *vjp(dy)), (ref, *vjp_ref(dy)), strict=True):
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
         if jax.default_backend() == "cpu":
-            dw = jax.jit(lambda a, b, g: jax.vjp(lambda v: dot_general(a, v, dn), b)[1](g)[0])
-            hlo = dw.lower(x, w, dy).compile().as_text()
-            entry = hlo[hlo.index("\nENTRY"):].splitlines()[1:]
-            ops = [m.group(1) for m in map(re.compile(r".* = \S+ ([a-z-]+)\(").match, entry)
-                   if m]
-            assert sorted(set(ops)) == ["bitcast", "dot", "parameter"], ops
+            ops = _entry_ops(
+                lambda a, b, g: jax.vjp(lambda v: dot_general(a, v, dn), b)[1](g)[0], x, w, dy)
+            assert ops == ["bitcast", "dot", "parameter"], ops
     # Left to lax: a 2-d input, batch axes, more than one contracted axis, and no data.
     cases = [(jnp.ones((5, 32)), jnp.ones((32, 3)), (((1,), (0,)), ((), ()))),
              (jnp.ones((2, 5, 32)), jnp.ones((2, 32, 3)), (((2,), (1,)), ((0,), (0,)))),
