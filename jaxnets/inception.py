@@ -148,6 +148,11 @@ class InceptionAux(nnx.Module):
                          rngs=rngs)
 
     def __call__(self, x):
+        if min(x.shape[1:3]) < 17:  # conv1's 5x5 kernel needs the pool's 5x5 output
+            raise ValueError(
+                f"Inception v3's auxiliary classifier needs Mixed_6e maps of at least 17x17 "
+                f"(inputs of 299x299 and up), got {x.shape[1]}x{x.shape[2]}; build the model "
+                "with aux_logits=False to train on smaller inputs")
         x = self.conv1(self.conv0(avg_pool2d(x, 5, 3)))
         return self.fc(jnp.mean(x, axis=(1, 2)))
 
@@ -158,7 +163,8 @@ class Inception3(nnx.Module):
     In training mode (``model.train()``, the state ``create_model`` returns)
     with ``aux_logits`` the call returns ``InceptionOutputs(logits,
     aux_logits)``; otherwise just the logits, as in torch. Training with the
-    auxiliary head needs ``Mixed_6e`` outputs of at least 5x5 (inputs of 139+).
+    auxiliary head needs ``Mixed_6e`` outputs of at least 17x17 (inputs of 299 and
+    up; smaller ones raise a ``ValueError``, as torch's 5x5 ``conv1`` does).
 
     Args:
       num_classes: classifier outputs.

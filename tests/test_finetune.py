@@ -97,6 +97,68 @@ def test_every_image_family_has_a_head_for_replacement_and_mmd():
         assert steps.head_path(model, spec.head) is not None, name
 
 
+def test_every_image_family_traces_a_train_step_with_dropout_aux_heads_and_mmd():
+    """One model per family module, traced (``jax.eval_shape``, nothing compiled): the
+    train step reseeds dropout inside jit (AlexNet, VGG, GoogLeNet, Inception v3 have
+    dropout; merged without ``copy`` that raised flax's TraceContextError) and takes
+    the auxiliary classifiers' outputs (GoogLeNet, Inception v3), with and without MMD."""
+    families = {}
+    for name in jaxnets.list_models(kind="image"):
+        families.setdefault(jaxnets.get_spec(name).builder.__module__, name)
+    assert {"alexnet", "googlenet", "inception_v3"} <= set(families.values()), families
+    rng = np.random.default_rng(0)
+    for name in families.values():
+        spec = jaxnets.get_spec(name)
+        size = spec.input_size[0]
+        model = nnx.eval_shape(lambda: jaxnets.create_model(name, num_classes=3))
+        parts, params, stats = steps.split_model(model, spec.head)  # shapes, no arrays
+        groups = optim.param_groups(list(params), list(stats), model_or_class=parts.model_class)
+        tx = optim.make_optimizer(params, groups, lr=0.1, total_steps=10)
+        state = jax.eval_shape(lambda p, s: steps.init_state(p, s, tx, seed=0), params, stats)
+        image = rng.integers(0, 255, (2, size, size, spec.in_channels), dtype=np.uint8)
+        batch = {"image": image, "label": np.array([0, 2], np.int32), "mask": np.ones(2, bool)}
+        aug = AugmentConfig(crop_size=size, resize_size=size, channels=spec.in_channels,
+                            mean=(0.5,) * spec.in_channels, std=(0.5,) * spec.in_channels)
+        for mmd in (0.0, 1.0) if name in ("googlenet", "inception_v3") else (0.0,):
+            train_step = steps.make_train_step(parts, tx, augment=aug, num_classes=3,
+                                               mmd_weight=mmd)
+            _, metrics = jax.eval_shape(train_step, state,
+                                        {**batch, "target_image": image} if mmd else batch)
+            assert metrics["loss"].shape == () and metrics["ce"].shape == (), name
+
+
+class _AuxNet(nnx.Module):
+    """GoogLeNet's output structure in miniature: main logits (after dropout) and two
+    auxiliary heads that predict nothing (zero logits: a cross-entropy of log 5)."""
+
+    def __init__(self):
+        self.fc = nnx.Linear(3, 5, rngs=nnx.Rngs(0))
+        self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        from jaxnets.googlenet import GoogLeNetOutputs
+
+        logits = self.fc(self.dropout(x.mean(axis=(1, 2))))
+        zero = jax.numpy.zeros_like(logits)
+        return GoogLeNetOutputs(logits, zero, zero)
+
+
+def test_auxiliary_classifiers_add_their_weighted_loss():
+    parts, params, stats = steps.split_model(_AuxNet(), r"^fc\.")
+    groups = optim.param_groups(list(params), list(stats), model_or_class=_AuxNet)
+    tx = optim.make_optimizer(params, groups, lr=0.1, total_steps=10)
+    rng = np.random.default_rng(2)
+    batch = {"image": rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
+             "label": rng.integers(0, 5, 4).astype(np.int32), "mask": np.ones(4, bool)}
+    for weight in (0.0, 0.4, 1.5):
+        train_step = steps.make_train_step(parts, tx, augment=AugmentConfig(8, 8),
+                                           num_classes=5, aux_weight=weight)
+        state = steps.init_state(jax.tree.map(np.array, params), stats, tx, seed=0)
+        _, m = train_step(state, batch)  # (the state is donated)
+        np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + weight * 2 * np.log(5),
+                                   rtol=1e-6)
+
+
 # --------------------------------------------------------------------------
 # CLI: bad input.
 
@@ -116,6 +178,8 @@ def _one_error_line(capsys):
      "layer9"),
     (["--arch", "lenet5", "--dataset", "digits", "--weights", "none", "--image-size", "16"],
      "minimum"),
+    (["--arch", "inception_v3", "--dataset", "digits", "--weights", "none", "--image-size",
+      "224"], "in training: Inception v3's auxiliary classifier needs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert finetune.main(args + ["--output-dir", str(tmp_path / "run")]) == 2

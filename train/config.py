@@ -62,6 +62,7 @@ class Config:
     warmup_steps: int | None = None
     schedule: str = "cosine"
     label_smoothing: float = 0.0
+    aux_weight: float = 0.4
     clip_grad_norm: float | None = None
     freeze: tuple[str, ...] = ()
     lr_mult: tuple[tuple[str, float], ...] = ()
@@ -227,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate shape after warmup")
     g.add_argument("--label-smoothing", type=_fraction, default=0.0, help="label smoothing")
+    g.add_argument("--aux-weight", type=_nonneg_float, default=0.4,
+                   help="weight of each auxiliary classifier's loss (GoogLeNet, Inception v3 "
+                        "in training; PyTorch's fine-tuning tutorial uses 0.4); 0 ignores them, "
+                        "--model-arg aux_logits=False drops them")
     g.add_argument("--clip-grad-norm", type=_nonneg_float, default=None,
                    help="clip the trainable gradients' global norm")
     g.add_argument("--freeze", action="append", type=_regex, default=[], metavar="REGEX",

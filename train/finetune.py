@@ -369,13 +369,16 @@ def run(cfg) -> int:
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
     parts, params, stats = steps_lib.split_model(model, spec.head)
     del model
-    x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
-    try:
-        jax.eval_shape(lambda p, s, x: steps_lib.merge_model(parts, p, s, train=False)(x),
-                       params, stats, x)
-    except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
-        raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}: "
-                       f"{str(e).splitlines()[0][:300]}") from None
+    x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
+    # Train mode too: Inception v3's auxiliary classifier needs larger inputs.
+    for train in (False,) if cfg.eval_only else (False, True):
+        try:
+            jax.eval_shape(lambda p, s, x: steps_lib.merge_model(parts, p, s, train=train)(x),
+                           params, stats, x)
+        except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+            raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
+                           f"{' in training' if train else ''}: "
+                           f"{str(e).splitlines()[0][:300]}") from None
     try:
         groups = optim.param_groups(list(params), list(stats), model_or_class=parts.model_class,
                                     freeze=cfg.freeze, lr_mult=cfg.lr_mult,
@@ -430,6 +433,7 @@ def run(cfg) -> int:
     train_step = steps_lib.make_train_step(
         parts, tx, augment=aug, num_classes=num_classes, frozen=groups.frozen,
         frozen_stats=groups.frozen_stats, label_smoothing=cfg.label_smoothing,
+        aux_weight=cfg.aux_weight,
         mmd_weight=cfg.mmd_weight if mmd else 0.0, mesh=mesh, precision=cfg.precision)
 
     # Only process 0 writes metrics, plots and summaries; all save checkpoints.

@@ -41,7 +41,8 @@ from train.augment import AugmentConfig, eval_transform, train_transform
 from train.precision import get_policy
 
 __all__ = ["ModelParts", "split_model", "merge_model", "init_state", "make_train_step",
-           "make_eval_step", "head_path", "forward_with_head_input", "TrainStep"]
+           "make_eval_step", "head_path", "forward_with_head_input", "logits_and_aux",
+           "TrainStep"]
 
 TrainStep = Callable[[dict, dict], tuple[dict, dict]]
 
@@ -150,8 +151,11 @@ def merge_model(parts: ModelParts, params: Mapping[str, jax.Array],
         The model.
     """
     graphdef = parts.train_def if train else parts.eval_def
+    # copy: ``parts.rest`` holds the split's own Variables (dropout's RNG key and
+    # count among them); merged as they are, a step's ``nnx.reseed`` under jit would
+    # write a traced key into Variables created outside it (flax's TraceContextError).
     return nnx.merge(graphdef, _state(parts, params, parts.param_paths),
-                     _state(parts, batch_stats, parts.stat_paths), parts.rest)
+                     _state(parts, batch_stats, parts.stat_paths), parts.rest, copy=True)
 
 
 def _flat_stats(model: nnx.Module) -> dict[str, jax.Array]:
@@ -224,6 +228,18 @@ def init_state(params: Mapping[str, jax.Array], batch_stats: Mapping[str, jax.Ar
     }
 
 
+def logits_and_aux(out) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """A classifier's output as (logits, auxiliary logits).
+
+    GoogLeNet and Inception v3 in train mode return a NamedTuple with the main
+    logits first (``GoogLeNetOutputs``, ``InceptionOutputs``, torchvision's order);
+    every other model returns its logits.
+    """
+    if isinstance(out, tuple):
+        return out[0], tuple(out[1:])
+    return out, ()
+
+
 def _cross_entropy(logits, labels, num_classes, smoothing):
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if smoothing:
@@ -252,6 +268,7 @@ def make_train_step(
     frozen: frozenset[str] = frozenset(),
     frozen_stats: frozenset[str] = frozenset(),
     label_smoothing: float = 0.0,
+    aux_weight: float = 0.4,
     mmd_weight: float = 0.0,
     mmd_multipliers: tuple[float, ...] = mmd_lib.DEFAULT_MULTIPLIERS,
     mesh: jax.sharding.Mesh | None = None,
@@ -273,6 +290,8 @@ def make_train_step(
         frozen: Paths of frozen parameters.
         frozen_stats: Paths of batch statistics kept fixed.
         label_smoothing: Cross-entropy label smoothing.
+        aux_weight: Weight of each auxiliary classifier's cross-entropy, for
+            models whose train-mode output has them (``logits_and_aux``).
         mmd_weight: Lambda of the MMD^2 term on the head's input features.
         mmd_multipliers: Kernel bandwidth multipliers.
         mesh: Device mesh for data parallelism (batch on its first axis,
@@ -302,14 +321,22 @@ def make_train_step(
                                 train=True)
             nnx.reseed(model, dropout=k_dropout, default=k_dropout)
             if mmd_weight:
-                logits, feats = policy.cast_output(forward_with_head_input(model, x, parts.head))
+                out, feats = policy.cast_output(forward_with_head_input(model, x, parts.head))
                 mmd = mmd_lib.mmd2(feats[:n], feats[n:], multipliers=mmd_multipliers)
-                logits = logits[:n]
+                out = jax.tree.map(lambda a: a[:n], out)
             else:
-                logits, mmd = policy.cast_output(model(x)), jnp.zeros((), jnp.float32)
-            ce = _cross_entropy(logits, batch["label"], num_classes, label_smoothing)
-            ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-            return ce + mmd_weight * mmd, (logits, _flat_stats(model), ce, mmd)
+                out, mmd = policy.cast_output(model(x)), jnp.zeros((), jnp.float32)
+            logits, aux = logits_and_aux(out)
+
+            def masked_ce(z):
+                ce = _cross_entropy(z, batch["label"], num_classes, label_smoothing)
+                return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+            ce = masked_ce(logits)
+            loss = ce + mmd_weight * mmd
+            if aux_weight:
+                loss = loss + aux_weight * sum(masked_ce(z) for z in aux)
+            return loss, (logits, _flat_stats(model), ce, mmd)
 
         (loss, (logits, new_stats, ce, mmd)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state["params"])
