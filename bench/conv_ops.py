@@ -23,7 +23,10 @@ axes merged on CPU) and torch's ``linear``; and ViT-B's attention (12 heads of
 64 over those tokens), forward and forward + backward, through
 ``jax.nn.dot_product_attention``, ``jaxnets.layers.dot_product_attention``
 (heads moved before the tokens on CPU) and torch's
-``scaled_dot_product_attention``.
+``scaled_dot_product_attention``. Last, max-pools at ResNet's and GoogLeNet's
+shapes, forward and forward + backward: ``lax.reduce_window`` (the gradient
+``select_and_scatter``), ``jaxnets.layers.max_pool2d`` (on CPU shifted slices and a
+gather) and torch's.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ import numpy as np
 from flax import nnx
 
 from bench import train_step
-from jaxnets.layers import (BatchNorm, _conv_weight_grad, conv_general_dilated, dot_general,
-                            dot_product_attention)
+from jaxnets.layers import (BatchNorm, _conv_weight_grad, _pool_pads, conv_general_dilated,
+                            dot_general, dot_product_attention, max_pool2d)
 
-__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "main"]
+__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows", "main"]
 
 _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -209,6 +212,47 @@ def attention_rows(batch: int, size: int, repeat: int) -> list[dict]:
     return [row]
 
 
+def pool_rows(batch: int, size: int, repeat: int) -> list[dict]:
+    """Max-pools (ResNet's 3x3/2 stem pool, GoogLeNet's ceil-mode stem pool and its
+    3x3/1 branch pool), forward and forward + backward, ms: ``lax.reduce_window``
+    (its gradient ``select_and_scatter``), ``jaxnets.layers.max_pool2d`` and torch."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for side, c, k, s, p, ceil in ((size * 2, 64, 3, 2, 1, False), (size * 2, 64, 3, 2, 0, True),
+                                   (size // 2, 192, 3, 1, 1, True)):
+        x = jnp.asarray(rng.standard_normal((batch, side, side, c)), jnp.float32)
+        (oh, ow), pads = _pool_pads(x, (k, k), (s, s), (p, p), ceil)
+        g = jnp.asarray(rng.standard_normal((batch, oh, ow, c)), jnp.float32)
+
+        def lax_pool(x):
+            y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1), pads)
+            return y[:, :oh, :ow]
+
+        row = {"shape": f"{batch}x{side}x{side}x{c} k{k} s{s} p{p}" + (" ceil" if ceil else "")}
+        for name, pool in (("lax", lax_pool),
+                           ("jaxnets", lambda x: max_pool2d(x, k, s, p, ceil_mode=ceil))):
+            both = jax.jit(lambda x, g, pool=pool: jax.vjp(pool, x)[1](g))
+            row[name] = [_median_ms(jax.jit(pool), x, repeat=repeat),
+                         _median_ms(both, x, g, repeat=repeat)]
+        tx = torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        tg = torch.from_numpy(np.array(g).transpose(0, 3, 1, 2)).contiguous(
+            memory_format=torch.channels_last)
+        def t_pool(tx=tx, k=k, s=s, p=p, ceil=ceil):
+            return torch.nn.functional.max_pool2d(tx, k, s, p, ceil_mode=ceil)
+
+        def t_fwd():
+            with torch.no_grad():
+                return t_pool()
+
+        row["torch"] = [_median_ms(t_fwd, repeat=repeat),
+                        _median_ms(lambda: torch.autograd.grad(t_pool(), tx, tg), repeat=repeat)]
+        rows.append(row)
+    return rows
+
+
 def _print_rows(title: str, rows: list[dict], keys: tuple[str, ...], what: str):
     """A table of timings: one column per key, its figures ``what`` joined by "/"."""
     print(f"{title:<26} " + " ".join(f"{k + ' ' + what:>22}" for k in keys))
@@ -254,6 +298,8 @@ def main(argv=None) -> int:
                 ("lax", "jaxnets", "torch"), "fwd/dx/dw")
     _print_rows("attention", attention_rows(args.batch, args.size, args.repeat),
                 ("jax.nn", "jaxnets", "torch"), "fwd/fwd+bwd")
+    _print_rows("max-pool", pool_rows(args.batch, args.size, args.repeat),
+                ("lax", "jaxnets", "torch"), "fwd/fwd+bwd")
     return 0
 
 

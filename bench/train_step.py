@@ -149,13 +149,24 @@ def _jax_forward(model, inputs, kind):
     return model(*inputs)
 
 
+# The weight of each auxiliary classifier's loss (GoogLeNet, Inception v3), on both
+# sides; ``train.finetune``'s ``--aux-weight`` default.
+AUX_WEIGHT = 0.4
+
+
 def _jax_loss(out, target, kind):
     import jax.numpy as jnp
     import optax
 
+    from train.steps import logits_and_aux
+
     if kind == "sequence":
         return jnp.mean(jnp.square(out - target))
-    return optax.softmax_cross_entropy_with_integer_labels(out, target).mean()
+    def ce(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+
+    logits, aux = logits_and_aux(out)
+    return ce(logits) + AUX_WEIGHT * sum(ce(z) for z in aux)
 
 
 def _torch_forward(model, inputs, kind):
@@ -171,6 +182,9 @@ def _torch_loss(out, target, kind):
 
     if kind == "sequence":
         return F.mse_loss(out.float(), target)
+    if isinstance(out, tuple):  # torchvision's GoogLeNetOutputs / InceptionOutputs
+        return (F.cross_entropy(out[0].float(), target)
+                + AUX_WEIGHT * sum(F.cross_entropy(z.float(), target) for z in out[1:]))
     return F.cross_entropy(out.float(), target)
 
 

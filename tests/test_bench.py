@@ -30,6 +30,30 @@ def test_short_benchmark_of_two_models():
     assert jax.config.jax_default_matmul_precision == precision_before
 
 
+def test_both_sides_weigh_auxiliary_classifiers_alike():
+    """GoogLeNet's and Inception v3's train-mode outputs (main logits, then the
+    auxiliary ones) give the same loss on both sides: the main cross-entropy plus
+    ``AUX_WEIGHT`` times each auxiliary one."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from torchvision.models.googlenet import GoogLeNetOutputs as TorchOutputs
+
+    from bench import train_step
+    from jaxnets.googlenet import GoogLeNetOutputs
+
+    rng = np.random.default_rng(0)
+    logits = [rng.standard_normal((4, 6)).astype(np.float32) for _ in range(3)]
+    target = rng.integers(0, 6, 4)
+    ours = float(train_step._jax_loss(GoogLeNetOutputs(*map(jax.numpy.asarray, logits)),
+                                      jax.numpy.asarray(target, np.int32), "image"))
+    theirs = float(train_step._torch_loss(TorchOutputs(*map(torch.from_numpy, logits)),
+                                          torch.from_numpy(target), "image"))
+    ce = [float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(target))) for z in logits]
+    assert math.isclose(ours, theirs, rel_tol=1e-6)
+    assert math.isclose(ours, ce[0] + train_step.AUX_WEIGHT * (ce[1] + ce[2]), rel_tol=1e-6)
+
+
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["--arch", "lenet5", "--short", "--json", str(out)]) == 0
@@ -72,8 +96,15 @@ def test_conv_ops_short_run(capsys):
     for key in ("jax.nn", "jaxnets", "torch"):
         assert len(attention[key]) == 2 and all(math.isfinite(v) and v > 0
                                                 for v in attention[key]), attention
+    pools = conv_ops.pool_rows(batch=1, size=8, repeat=1)
+    assert [r["shape"] for r in pools] == ["1x16x16x64 k3 s2 p1", "1x16x16x64 k3 s2 p0 ceil",
+                                           "1x4x4x192 k3 s1 p1 ceil"]
+    for r in pools:
+        for key in ("lax", "jaxnets", "torch"):
+            assert len(r[key]) == 2 and all(math.isfinite(v) and v > 0 for v in r[key]), r
     assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
+    assert "max-pool" in out and "1x4x4x192 k3 s1 p1 ceil" in out
     assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
     assert "dense layer" in out and "1x5x768 -> 2304 (N, K)" in out and "1x5x12x64" in out
     assert conv_ops.main(["--short", "--dtype", "float64"]) == 0  # parity's gradient dtype
