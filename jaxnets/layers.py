@@ -737,9 +737,10 @@ def _max_pool_taps(x, k, s, p, ceil_mode):
 
     XLA:CPU's ``reduce_window`` and, above all, its ``select_and_scatter``
     gradient are slow: ResNet's 3x3/2 stem pool on 8x112x112x64, forward and
-    backward, took 95 ms (torch: 30). Here the forward pass is one elementwise
-    pass over the kernel's taps that also records each window's chosen element,
-    and the gradient is ``_max_pool_scatter``'s gather (16 ms). The JVP rule's
+    backward, took 100 ms (torch: 6.3; ``python -m bench.conv_ops``, its max-pool
+    rows). Here the forward pass is one elementwise pass over the kernel's taps
+    that also records each window's chosen element, and the gradient is
+    ``_max_pool_scatter``'s gather (17 ms). The JVP rule's
     tangent is the transpose of that gather (``jax.linear_transpose``), so
     reverse mode runs the gather itself; forward mode, ``vmap`` and higher
     derivatives work as for any jax function.

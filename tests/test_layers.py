@@ -135,7 +135,8 @@ def test_overlapping_max_pool2d_follows_torchs_choice_ties_nans_and_forward_mode
     NaN, gets a window's gradient; overlapping windows' sums round as torch's); the
     forward-mode tangent is the input tangent at torch's ``return_indices``; second
     derivatives check out; and on CPU the gradient is neither ``reduce_window`` nor
-    ``select_and_scatter`` (95 ms, where the gather takes 16, for ResNet's stem pool)."""
+    ``select_and_scatter`` (100 ms, where the gather takes 17, for ResNet's stem pool in
+    ``bench.conv_ops``)."""
     from jax.test_util import check_grads
 
     rng = np.random.default_rng(7)
