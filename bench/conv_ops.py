@@ -240,6 +240,7 @@ def pool_rows(batch: int, size: int, repeat: int) -> list[dict]:
             memory_format=torch.channels_last).requires_grad_()
         tg = torch.from_numpy(np.array(g).transpose(0, 3, 1, 2)).contiguous(
             memory_format=torch.channels_last)
+
         def t_pool(tx=tx, k=k, s=s, p=p, ceil=ceil):
             return torch.nn.functional.max_pool2d(tx, k, s, p, ceil_mode=ceil)
 

@@ -162,6 +162,7 @@ def _jax_loss(out, target, kind):
 
     if kind == "sequence":
         return jnp.mean(jnp.square(out - target))
+
     def ce(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
 
