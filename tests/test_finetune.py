@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -157,6 +158,15 @@ def test_auxiliary_classifiers_add_their_weighted_loss():
         _, m = train_step(state, batch)  # (the state is donated)
         np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + weight * 2 * np.log(5),
                                    rtol=1e-6)
+    # train.distributed's step too (the same dropout draw each time: the state's own key).
+    from train import distributed
+
+    graphdef, params, rest = nnx.split(_AuxNet(), nnx.Param, ...)
+    sgd = optax.sgd(0.1)
+    images = jax.numpy.asarray(batch["image"], np.float32) / 255
+    losses = [float(distributed.make_sharded_step(graphdef, sgd, donate=False, aux_weight=w)(
+        params, rest, sgd.init(params), images, batch["label"])[3]) for w in (0.0, 0.4)]
+    np.testing.assert_allclose(losses[1] - losses[0], 0.4 * 2 * np.log(5), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------

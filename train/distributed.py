@@ -304,7 +304,7 @@ def _policy(precision):
 
 def make_sharded_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                       mesh: Mesh | None = None, precision: Any = "fp32",
-                      donate: bool = True):
+                      donate: bool = True, aux_weight: float = 0.4):
     """A jitted data-parallel classification train step (cross-entropy, optax update).
 
     The model is split as ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
@@ -321,20 +321,29 @@ def make_sharded_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, 
       precision: ``"fp32"``, ``"bf16"`` or a ``train.precision.Policy``.
       donate: donate the parameter, ``rest`` and optimizer-state buffers
         (they are replaced by the outputs; saves a copy of each per step).
+      aux_weight: weight of each auxiliary classifier's cross-entropy (GoogLeNet,
+        Inception v3: ``train.steps.logits_and_aux``).
 
     Returns:
       ``step(params, rest, opt_state, images, labels) -> (params, rest,
       opt_state, loss)``; ``labels`` are integer class indices.
     """
+    from train.steps import logits_and_aux
+
     policy = _policy(precision)
+
+    def cross_entropy(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     def step(params, rest, opt_state, images, labels):
         # copy=True: the forward writes BatchNorm statistics, and NNX lets a
         # Variable be written only under the trace that created it.
         def loss_fn(p, r):
             model = nnx.merge(graphdef, policy.cast_params(p), r, copy=True)
-            logits = policy.cast_output(model(policy.cast_inputs(images)))
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            logits, aux = logits_and_aux(policy.cast_output(model(policy.cast_inputs(images))))
+            loss = cross_entropy(logits, labels)
+            if aux_weight:
+                loss = loss + aux_weight * sum(cross_entropy(z, labels) for z in aux)
             return loss, nnx.split(model, nnx.Param, ...)[2]
 
         (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
