@@ -156,20 +156,33 @@ class MultiheadAttention(nnx.Module):
             self.bias_k = self.bias_v = None
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
-    def _project(self, query, key, value):
+    def _project(self, query, key, value, shared: int = 1):
+        """q, k and v; ``shared`` says how many of the inputs are one array: 3 for
+        self-attention, 2 when only key and value are (cross-attention), else 1.
+
+        With the packed ``in_proj_weight``, inputs that are one array take one
+        matmul by their rows of the weight, split afterwards: the weight is then
+        not sliced into copies, and its gradient is one matmul, not three joined.
+        """
         e = self.embed_dim
-        if self._qkv_same_embed_dim:
-            w = self.in_proj_weight[...]
-            wq, wk, wv = w[:e], w[e:2 * e], w[2 * e:]
-        else:
-            wq, wk, wv = self.q_proj_weight[...], self.k_proj_weight[...], self.v_proj_weight[...]
-        # (L, N, E) by the (E_out, E) weights, contracting E: one 2-d matmul each on CPU.
-        q, k, v = (dot_general(t, w, (((t.ndim - 1,), (1,)), ((), ())))
-                   for t, w in ((query, wq), (key, wk), (value, wv)))
-        if self.in_proj_bias is not None:
-            b = self.in_proj_bias[...]
-            q, k, v = q + b[:e], k + b[e:2 * e], v + b[2 * e:]
-        return q, k, v
+        b = self.in_proj_bias[...] if self.in_proj_bias is not None else None
+
+        def project(t, w, rows):  # (N, L, E) by (rows, E) weights, contracting E
+            y = dot_general(t, w, (((t.ndim - 1,), (1,)), ((), ())))
+            return y if b is None else y + b[rows]
+
+        if not self._qkv_same_embed_dim:
+            ws = self.q_proj_weight[...], self.k_proj_weight[...], self.v_proj_weight[...]
+            return tuple(project(t, w, slice(i * e, (i + 1) * e))
+                         for i, (t, w) in enumerate(zip((query, key, value), ws)))
+        w = self.in_proj_weight[...]
+        if shared == 3:
+            return tuple(jnp.split(project(query, w, slice(None)), 3, axis=-1))
+        q = project(query, w[:e], slice(0, e))
+        if shared == 2:
+            return (q, *jnp.split(project(key, w[e:], slice(e, None)), 2, axis=-1))
+        return (q, project(key, w[e:2 * e], slice(e, 2 * e)),
+                project(value, w[2 * e:], slice(2 * e, None)))
 
     def _bias(self, attn_mask, key_padding_mask, n, tgt_len, src_len, dtype):
         """Merge the masks into one (N|1, H|1, L, S) additive bias, or None."""
@@ -229,6 +242,7 @@ class MultiheadAttention(nnx.Module):
           unless ``need_weights``.
         """
         batched = query.ndim == 3
+        shared = 3 if query is key is value else 2 if key is value else 1
         if query.ndim not in (2, 3) or key.ndim != query.ndim or value.ndim != query.ndim:
             raise ValueError("query, key and value must all be batched (3D) or all unbatched "
                              f"(2D); got shapes {query.shape}, {key.shape}, {value.shape}")
@@ -249,7 +263,7 @@ class MultiheadAttention(nnx.Module):
             raise ValueError(f"query, key and value disagree on batch or key length: "
                              f"{query.shape}, {key.shape}, {value.shape}")
         dtype = query.dtype
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, shared)
         bias = self._bias(attn_mask, key_padding_mask, n, tgt_len, src_len, dtype)
         extra = 0
         if self.bias_k is not None:

@@ -175,6 +175,46 @@ def test_parity_with_torch(option, mask):
     _check(t, f, q, k, v, _masks(mask, rng))
 
 
+@pytest.mark.parametrize("shared", [3, 2])
+def test_self_and_cross_attention_take_packed_projections(shared):
+    """Self-attention (``mha(x, x, x)``) and a shared key/value (``mha(q, m, m)``, the
+    decoder's cross-attention) equal torch's, gradients included, and project with one
+    matmul by the packed weight's rows (no weight slice for self-attention, one for
+    the cross-attention's query)."""
+    t, f = _pair(3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((L, N, E)).astype(np.float32)
+    m = rng.standard_normal((S, N, E)).astype(np.float32) if shared == 2 else x
+    r = rng.standard_normal((L, N, E)).astype(np.float32)
+    tx, tm = torch.from_numpy(x).requires_grad_(), torch.from_numpy(m).requires_grad_()
+    t.train()
+    out = t(tx, tx, tx, need_weights=False)[0] if shared == 3 else t(tx, tm, tm,
+                                                                     need_weights=False)[0]
+    (out * torch.from_numpy(r)).sum().backward()
+
+    def loss(model, x, m):
+        y = model(x, x, x, need_weights=False)[0] if shared == 3 else model(
+            x, m, m, need_weights=False)[0]
+        return jnp.sum(y * r), y
+
+    (_, y), (g, gx, gm) = nnx.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        f, jnp.asarray(x), jnp.asarray(m))
+    np.testing.assert_allclose(np.asarray(y), out.detach().numpy(), atol=OUT_ATOL, rtol=0)
+    grads = flax_to_torch(f, {".".join(map(str, p)): v for p, v in nnx.to_flat_state(g)})
+    want = {k: p.grad.numpy() for k, p in t.named_parameters()}
+    want["x"] = tx.grad.numpy()
+    grads["x"] = np.asarray(gx) + (np.asarray(gm) if shared == 3 else 0)
+    if shared == 2:
+        want["m"], grads["m"] = tm.grad.numpy(), np.asarray(gm)
+    bad = {k: _rel(grads[k], want[k]) for k in want if _rel(grads[k], want[k]) > GRAD_RTOL}
+    assert not bad, bad
+    jaxpr = jax.make_jaxpr(lambda x, m: loss(f, x, m)[0])(jnp.asarray(x), jnp.asarray(m))
+    packed = sorted(e.invars[1].aval.shape for e in jaxpr.eqns
+                    if e.primitive.name == "dot_general"
+                    and e.invars[1].aval.shape in ((2 * E, E), (3 * E, E)))
+    assert packed == [(3 * E, E) if shared == 3 else (2 * E, E)], packed
+
+
 def test_unbatched_parity():
     t, f = _pair(add_bias_kv=True)
     rng = np.random.default_rng(1)
