@@ -70,6 +70,13 @@ def test_cli_bad_input_is_one_line(capsys):
     assert err == "error: lenet5 needs inputs of at least 32 pixels, got 8"
 
 
+def _assert_timed(rows, keys, count):
+    """Each row has ``count`` finite, positive timings under every key."""
+    for r in rows:
+        for key in keys:
+            assert len(r[key]) == count and all(math.isfinite(v) and v > 0 for v in r[key]), r
+
+
 def test_conv_ops_short_run(capsys):
     """bench.conv_ops in its smoke mode: every convolution and dense shape timed three
     ways, finite and positive."""
@@ -78,9 +85,8 @@ def test_conv_ops_short_run(capsys):
     rows = conv_ops.conv_rows(batch=1, size=8, repeat=1)
     assert len(rows) == 10 and rows[0]["shape"] == "32x32 3->64 k7 s2"
     assert any("k1" in r["shape"] for r in rows) and any("k3 s2" in r["shape"] for r in rows)
+    _assert_timed(rows, ("lax", "jaxnets", "torch"), 3)
     for r in rows:
-        for key in ("lax", "jaxnets", "torch"):
-            assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
         assert (r["row_dw"] is None) == (" k1 " in r["shape"]), r
         assert r["row_dw"] is None or (math.isfinite(r["row_dw"]) and r["row_dw"] > 0), r
     bn = conv_ops.batchnorm_rows(batch=1, size=8, repeat=1)
@@ -88,20 +94,14 @@ def test_conv_ops_short_run(capsys):
     dense = conv_ops.dense_rows(batch=1, size=8, repeat=1)
     assert [r["shape"] for r in dense] == ["1x5x768 -> 3072", "1x5x3072 -> 768",
                                            "1x5x768 -> 2304 (N, K)"]
-    for r in dense:
-        for key in ("lax", "jaxnets", "torch"):
-            assert len(r[key]) == 3 and all(math.isfinite(v) and v > 0 for v in r[key]), r
+    _assert_timed(dense, ("lax", "jaxnets", "torch"), 3)
     (attention,) = conv_ops.attention_rows(batch=1, size=8, repeat=1)
     assert attention["shape"] == "1x5x12x64"
-    for key in ("jax.nn", "jaxnets", "torch"):
-        assert len(attention[key]) == 2 and all(math.isfinite(v) and v > 0
-                                                for v in attention[key]), attention
+    _assert_timed([attention], ("jax.nn", "jaxnets", "torch"), 2)
     pools = conv_ops.pool_rows(batch=1, size=8, repeat=1)
     assert [r["shape"] for r in pools] == ["1x16x16x64 k3 s2 p1", "1x16x16x64 k3 s2 p0 ceil",
                                            "1x4x4x192 k3 s1 p1 ceil"]
-    for r in pools:
-        for key in ("lax", "jaxnets", "torch"):
-            assert len(r[key]) == 2 and all(math.isfinite(v) and v > 0 for v in r[key]), r
+    _assert_timed(pools, ("lax", "jaxnets", "torch"), 2)
     assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
     assert "max-pool" in out and "1x4x4x192 k3 s1 p1 ceil" in out
