@@ -32,9 +32,11 @@ HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 # Constructor options torchvision's builders force when pretrained weights are
 # requested (``_ovewrite_named_param`` in googlenet.py and inception.py; ViTs
 # also get ``image_size`` from the weights' ``min_size``); the jaxnets model
-# must be built the same way for the weights to mean the same.
+# must be built the same way for the weights to mean the same. GoogLeNet's
+# builder also drops the auxiliary classifiers unless ``aux_logits=True`` is
+# asked for (its checkpoint holds them untrained); Inception v3's keeps them.
 MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
-    "googlenet": {"transform_input": True},
+    "googlenet": {"transform_input": True, "aux_logits": False},
     "inception_v3": {"transform_input": True},
 }
 

@@ -517,10 +517,16 @@ def _try_cache(entry: Path, w: Weights, overrides: Mapping[str, Any], num_classe
 
 def _write_cache(entry: Path, w: Weights, model: nnx.Module, report: LoadReport,
                  sd: Mapping[str, np.ndarray], source: Path) -> str:
-    # The checkpoint's own values are cached, also for a head this load left out.
+    # The checkpoint's own values are cached, also for a head this load left out and
+    # for auxiliary classifiers the model was built without (GoogLeNet's default with
+    # torchvision's weights), so one entry serves a later load that keeps them.
+    index = _index(model)
+    if w.arch in _OPTIONAL_KEYS:
+        full = build_abstract(w.arch, w.num_classes, **{**w.model_overrides, "aux_logits": True})
+        index = {**_index(full), **index}
     flat = {}
     loaded = set(report.loaded)
-    for path, (var, key, layout) in _index(model).items():
+    for path, (var, key, layout) in index.items():
         if key in sd or key in loaded:
             if key in loaded:
                 flat[path] = np.asarray(var.get_value())

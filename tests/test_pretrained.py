@@ -144,6 +144,42 @@ def test_hub_cache_hit_without_network_rebuilds_damaged_converted_cache(ckpt, di
         np.testing.assert_array_equal(ported[k], ref[k].numpy(), err_msg=k)
 
 
+def test_googlenet_weights_drop_the_aux_heads_as_torchvision_does(dirs, monkeypatch):
+    # torchvision's googlenet(weights=...) loads the checkpoint, aux1/aux2 included,
+    # and drops them unless aux_logits=True is asked for (they are not trained).
+    hub_dir, cache_root = dirs
+    torch.manual_seed(0)
+    tm = torchvision.models.googlenet(aux_logits=True, transform_input=True,
+                                      init_weights=False)
+    hub_dir.mkdir(parents=True)
+    tmp = hub_dir / "tmp.pth"
+    torch.save(tm.state_dict(), tmp)
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+    tmp.rename(hub_dir / f"googlenet-{sha}.pth")
+    w = dataclasses.replace(get_weights("googlenet"), hash_prefix=sha,
+                            url=f"http://127.0.0.1:{_closed_port()}/googlenet-{sha}.pth")
+    model, report = pretrained.load_torchvision("googlenet", w, progress=False)
+    assert model.aux1 is None and model.aux2 is None and model.transform_input
+    assert report.ignored and all(k.startswith(("aux1.", "aux2.")) for k in report.ignored)
+    ref = tm.state_dict()
+    assert len(report.loaded) == sum(not k.startswith(("aux", "num_batches")) for k in ref)
+    # The converted cache keeps the heads: a later load that asks for them gets the
+    # checkpoint's, without reading the .pth again.
+    (hub_dir / f"googlenet-{sha}.pth").unlink()
+
+    def refuse(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(pretrained, "load_state_dict_file", refuse)
+    with_aux, report2 = pretrained.load_torchvision("googlenet", w, progress=False,
+                                                    aux_logits=True)
+    assert any("converted cache" in n for n in report2.notes) and not report2.ignored
+    ported = to_torch_state_dict(with_aux)
+    for k in ("aux1.conv.conv.weight", "aux2.fc2.weight", "aux2.conv.bn.running_var",
+              "inception5b.branch4.1.conv.weight"):
+        np.testing.assert_array_equal(ported[k], ref[k].numpy(), err_msg=k)
+
+
 def test_offline_error_says_where_to_put_the_file(ckpt, dirs):
     hub_dir, cache_root = dirs
     w = _weights(ckpt, f"http://127.0.0.1:{_closed_port()}")

@@ -43,7 +43,9 @@ def test_variants_keep_their_own_preprocessing_and_options():
     assert swag.min_size == (384, 384)
     feats = get_weights("vgg16.IMAGENET1K_FEATURES")
     assert feats.categories is None and feats.metrics["acc@1"] is None
-    assert get_weights("googlenet").model_overrides == {"transform_input": True}
+    assert get_weights("googlenet").model_overrides == {"transform_input": True,
+                                                         "aux_logits": False}
+    assert get_weights("inception_v3").model_overrides == {"transform_input": True}
     assert get_weights("vit_h_14").name == "IMAGENET1K_SWAG_E2E_V1"
 
 
