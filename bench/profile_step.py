@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       The exit status.
     """
+    from jaxnets.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
     args = _parse(argv)
     if args.batch < 1 or args.steps < 1 or args.top < 1:
         print("error: --batch, --steps and --top must be >= 1", file=sys.stderr)

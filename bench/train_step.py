@@ -473,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       The exit status.
     """
+    from jaxnets.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
     args = _parse(argv)
     import jaxnets
 

@@ -28,6 +28,13 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
+# The training programs make glibc keep freed memory for reuse (jaxnets/hostmem.py), so
+# a process stays at its peak resident size. The suite's processes hold multi-GB models
+# one after another, and a test that calls a program's main() in-process would switch
+# it on for the rest of its worker depending on test order: the suite keeps glibc's
+# default (tests/test_hostmem.py sets the variable itself).
+os.environ.setdefault("JAXNETS_HOST_MALLOC", "system")
+
 # numpy asks for transparent huge pages for big arrays; on a machine whose memory is
 # fragmented (this one, after a few GB-sized models) the kernel then compacts memory
 # on first touch: a fresh 400 MB transposed copy was measured at 1.35 s instead of 0.36 s.

@@ -556,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status.
     """
+    from jaxnets.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
     from train import config as config_lib

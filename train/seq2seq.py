@@ -514,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       The exit status.
     """
+    from jaxnets.hostmem import reuse_freed_memory
+
+    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
     config = parse_args(argv)
     try:
         result = train(config)
