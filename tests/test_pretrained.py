@@ -37,17 +37,22 @@ def _torch_resnet18() -> torch.nn.Module:
     return model.eval()
 
 
+def _save_hub_named(model: torch.nn.Module, directory, arch: str) -> str:
+    """Saves ``model``'s state_dict in ``directory`` under torch.hub's file name for it
+    (``ARCH-HASH8.pth``, the hash prefix its download check expects); returns the name."""
+    tmp = directory / "tmp.pth"
+    torch.save(model.state_dict(), tmp)
+    name = f"{arch}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(directory / name)
+    return name
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(torch model, served directory, file name) of a random resnet18 checkpoint."""
     root = tmp_path_factory.mktemp("served")
     model = _torch_resnet18()
-    tmp = root / "tmp.pth"
-    torch.save(model.state_dict(), tmp)
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    name = f"resnet18-{sha[:8]}.pth"
-    tmp.rename(root / name)
-    return model, root, name
+    return model, root, _save_hub_named(model, root, "resnet18")
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +157,9 @@ def test_googlenet_weights_drop_the_aux_heads_as_torchvision_does(dirs, monkeypa
     tm = torchvision.models.googlenet(aux_logits=True, transform_input=True,
                                       init_weights=False)
     hub_dir.mkdir(parents=True)
-    tmp = hub_dir / "tmp.pth"
-    torch.save(tm.state_dict(), tmp)
-    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
-    tmp.rename(hub_dir / f"googlenet-{sha}.pth")
-    w = dataclasses.replace(get_weights("googlenet"), hash_prefix=sha,
-                            url=f"http://127.0.0.1:{_closed_port()}/googlenet-{sha}.pth")
+    name = _save_hub_named(tm, hub_dir, "googlenet")
+    w = dataclasses.replace(get_weights("googlenet"), hash_prefix=name.split("-")[1].split(".")[0],
+                            url=f"http://127.0.0.1:{_closed_port()}/{name}")
     model, report = pretrained.load_torchvision("googlenet", w, progress=False)
     assert model.aux1 is None and model.aux2 is None and model.transform_input
     assert report.ignored and all(k.startswith(("aux1.", "aux2.")) for k in report.ignored)
@@ -165,7 +167,7 @@ def test_googlenet_weights_drop_the_aux_heads_as_torchvision_does(dirs, monkeypa
     assert len(report.loaded) == sum(not k.startswith(("aux", "num_batches")) for k in ref)
     # The converted cache keeps the heads: a later load that asks for them gets the
     # checkpoint's, without reading the .pth again.
-    (hub_dir / f"googlenet-{sha}.pth").unlink()
+    (hub_dir / name).unlink()
 
     def refuse(path):
         raise AssertionError(f"read {path}")
