@@ -9,9 +9,10 @@ torch model computes lives here, so each difference is handled once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,53 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "check_images",
+    "cpu_detours",
     "fusion_barrier",
     "kaiming_normal_fan_out",
     "torch_default_init",
 ]
+
+
+_CPU_DETOURS = True
+
+
+@contextlib.contextmanager
+def cpu_detours(enabled: bool) -> Iterator[None]:
+    """Turn this module's CPU detours on or off for what is traced inside.
+
+    On CPU, the convolutions, dense layers, attention, max-pools and fusion
+    barriers here take forms that XLA:CPU runs faster than ``lax``'s own (each
+    function's docstring says which and why). On GPU and TPU they are ``lax``'s
+    and ``jax.nn``'s plain operations. ``cpu_detours(False)`` makes CPU trace
+    those accelerator forms too, so the path a GPU or TPU runs can be checked
+    against torch on a machine without one (``python -m porting.verify
+    --no-cpu-detours``). The choice is made when a function is traced, and
+    jax's caches of traced and compiled functions do not know of it, so
+    entering and leaving clear them (``jax.clear_caches``) when the setting
+    changes: nothing traced under one setting is reused under the other.
+
+    Args:
+      enabled: False for the accelerator forms.
+    """
+    global _CPU_DETOURS
+    before = _CPU_DETOURS
+    _set_cpu_detours(bool(enabled))
+    try:
+        yield
+    finally:
+        _set_cpu_detours(before)
+
+
+def _set_cpu_detours(enabled: bool) -> None:
+    global _CPU_DETOURS
+    if enabled != _CPU_DETOURS:
+        jax.clear_caches()
+        _CPU_DETOURS = enabled
+
+
+def _cpu() -> bool:
+    """Whether the CPU detours apply: the default backend is the CPU and they are on."""
+    return _CPU_DETOURS and jax.default_backend() == "cpu"
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -149,7 +193,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     cpu_nhwc = (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
                 and all(p >= 0 for pair in padding for p in pair)
                 and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
-                and kwargs.get("batch_group_count", 1) == 1 and jax.default_backend() == "cpu")
+                and kwargs.get("batch_group_count", 1) == 1 and _cpu())
     if cpu_nhwc:
         strides, pads = tuple(window_strides), tuple(map(tuple, padding))
         if _output_positions(lhs.shape, rhs.shape, strides, pads, rhs_dilation) == 0 < lhs.size:
@@ -374,7 +418,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     ``nnx.Linear``.
     """
     (lc, rc), (lb, rb) = dimension_numbers
-    if (jax.default_backend() == "cpu" and lhs.ndim > 2 and rhs.ndim == 2 and not lb
+    if (_cpu() and lhs.ndim > 2 and rhs.ndim == 2 and not lb
             and not rb and tuple(lc) == (lhs.ndim - 1,) and len(rc) == 1
             and kwargs.get("out_sharding") is None):
         rows = math.prod(lhs.shape[:-1])
@@ -413,7 +457,7 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
       (batch, T, heads, dim).
     """
     dtype = jnp.dtype(query.dtype)
-    if (jax.default_backend() != "cpu" or dtype not in _ATTENTION_DTYPES or query.ndim != 4
+    if (not _cpu() or dtype not in _ATTENTION_DTYPES or query.ndim != 4
             or key.ndim != 4 or key.shape != value.shape or query.shape[2:] != key.shape[2:]
             or not key.dtype == value.dtype == dtype):
         return jax.nn.dot_product_attention(query, key, value)
@@ -578,7 +622,7 @@ def fusion_barrier(x: jax.Array, anchor: jax.Array | None = None) -> jax.Array:
     Returns:
       ``x``'s values.
     """
-    if (jax.default_backend() != "cpu" or not jnp.issubdtype(x.dtype, jnp.inexact)
+    if (not _cpu() or not jnp.issubdtype(x.dtype, jnp.inexact)
             or x.size == 0):
         return x
     anchor = x if anchor is None else anchor
@@ -631,7 +675,7 @@ def max_pool2d(x: jax.Array, kernel_size, stride=None, padding=0, *, ceil_mode: 
     (oh, ow), pads = _pool_pads(x, k, s, p, ceil_mode)
     if k == s and p == (0, 0) and oh * k[0] <= x.shape[1] and ow * k[1] <= x.shape[2]:
         return _max_pool_tiles(x, k, oh, ow)
-    if jax.default_backend() == "cpu" and x.ndim == 4 and k[0] * k[1] <= _MAX_POOL_TAPS:
+    if _cpu() and x.ndim == 4 and k[0] * k[1] <= _MAX_POOL_TAPS:
         return _max_pool_taps(x, k, s, p, ceil_mode)
     # A concrete numpy init lets JAX pick the differentiable max-pool primitive.
     init = np.array(-np.inf, x.dtype)

@@ -47,11 +47,12 @@ import numpy as np
 from flax import nnx
 
 import jaxnets
+import jaxnets.layers
 from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_dict, slabs, \
     to_numpy, to_torch_state_dict
 
 __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity",
-           "run_parity_inputs", "jit_repeated_blocks", "repeated_block_types"]
+           "run_parity_inputs", "full_fp32", "jit_repeated_blocks", "repeated_block_types"]
 
 # Thresholds: outputs absolute; statistics and gradients relative to the
 # tensor's largest magnitude (a gradient of 1e3 cannot be held to 1e-4 absolute
@@ -599,7 +600,8 @@ def _to_float64(fmodel):
 def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                state_dict: dict | None = None, seed: int = 0, jit: bool | str = True,
                jit64: bool | str | None = None, grads: bool | Sequence[str] = True,
-               fp32_grads: bool = False, overrides: dict | None = None) -> ParityResult:
+               fp32_grads: bool = False, overrides: dict | None = None,
+               cpu_detours: bool = True) -> ParityResult:
     """Port a torch model to jaxnets and compare the two.
 
     Judged: eval outputs and train-mode outputs (fp32, absolute), BatchNorm
@@ -627,20 +629,23 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
         and statistics only, for models too large to run in float64 here).
       fp32_grads: also compute and report fp32 gradients.
       overrides: constructor options passed to both models.
+      cpu_detours: False traces the jax side as a GPU or TPU would run it
+        (``jaxnets.layers.cpu_detours``); no effect off CPU.
 
     Returns:
       The ``ParityResult``.
     """
     return run_parity_inputs(arch, [(size, batch)], state_dict=state_dict, seed=seed, jit=jit,
                              jit64=jit64, grads=grads, fp32_grads=fp32_grads,
-                             overrides=overrides)[0]
+                             overrides=overrides, cpu_detours=cpu_detours)[0]
 
 
 def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, int]], *,
                       state_dict: dict | None = None, seed: int = 0,
                       jit: bool | str = True, jit64: bool | str | None = None,
                       grads: bool | Sequence[str] = True, fp32_grads: bool = False,
-                      overrides: dict | None = None) -> list[ParityResult]:
+                      overrides: dict | None = None,
+                      cpu_detours: bool = True) -> list[ParityResult]:
     """``run_parity`` at several input sizes, with one build of the two models.
 
     The models (and, with ``grads``, their float64 copies) are built, ported
@@ -649,15 +654,42 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
     (VGG: 133M+ parameters) the build and the float64 copies cost more than
     the passes themselves.
 
+    Both sides compute in full fp32 whatever the caller's settings: jax's
+    matmuls and convolutions at ``"highest"`` precision and torch's CUDA
+    TF32 off (on Ampere and later GPUs both frameworks would otherwise round
+    fp32 products to TF32's 10-bit mantissa, ~1e-3), restored on return.
+
     Args:
       arch: registry name.
       inputs: ``(size, batch)`` pairs; ``size`` None is the spec's default.
         The first one also calibrates the random BatchNorm statistics.
-      state_dict, seed, jit, jit64, grads, fp32_grads, overrides: as in ``run_parity``.
+      state_dict, seed, jit, jit64, grads, fp32_grads, overrides, cpu_detours: as in
+        ``run_parity``.
 
     Returns:
       One ``ParityResult`` per input, in order (each starts with the round trip).
     """
+    with full_fp32(), jaxnets.layers.cpu_detours(cpu_detours):
+        return _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads,
+                                  fp32_grads, overrides)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """jax's default matmul precision ``"highest"`` and torch's CUDA TF32 off, inside."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_grads,
+                       overrides) -> list[ParityResult]:
     import copy
 
     overrides = dict(overrides or {})

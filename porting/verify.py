@@ -10,6 +10,10 @@ Examples::
     python -m porting.verify --arch resnet50
     python -m porting.verify --arch resnet18 --size 160 192 --batch 2
     python -m porting.verify --arch resnet50 --weights resnet50-11ad3fa6.pth
+    python -m porting.verify --arch googlenet --no-cpu-detours   # the GPU/TPU path, on CPU
+
+The torch reference runs on the CPU; jax on its default backend (a GPU when
+one is there), with matmuls and convolutions in full fp32 (no TF32) on both.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-grads", action="store_true",
                    help="also report fp32 gradients (informational, see porting/parity.py)")
     p.add_argument("--eager", action="store_true", help="run JAX op by op instead of jit")
+    p.add_argument("--no-cpu-detours", dest="cpu_detours", action="store_false",
+                   help="on CPU, compute the jax side as a GPU or TPU runs it (XLA's own "
+                        "convolutions, pools and attention), not in jaxnets' faster CPU forms")
     return p
 
 
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_parity(args.arch, size=args.size, batch=args.batch, state_dict=state_dict,
                             seed=args.seed, jit=not args.eager, grads=not args.no_grads,
-                            fp32_grads=args.fp32_grads)
+                            fp32_grads=args.fp32_grads, cpu_detours=args.cpu_detours)
     except PortingError as e:
         return _fail(f"{args.weights or args.arch}: {e}")
     except RuntimeError as e:
@@ -108,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     dt = time.perf_counter() - t0
     source = args.weights or "random init, randomised BatchNorm"
-    print(f"{args.arch}: input {result.input_shape} (NHWC), weights: {source}")
+    import jax
+
+    backend = jax.default_backend()
+    path = ("CPU detours off: the accelerator path" if backend == "cpu" and not args.cpu_detours
+            else "jaxnets' CPU forms" if backend == "cpu" else "XLA's own operations")
+    print(f"{args.arch}: input {result.input_shape} (NHWC), weights: {source}; jax on "
+          f"{backend} ({path}), fp32 at full precision (TF32 off)")
     print(result.table())
     verdict = "PASS" if result.passed else "FAIL"
     print(f"{verdict}: {args.arch} jaxnets vs torch ({dt:.1f}s)")

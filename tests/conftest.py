@@ -85,7 +85,7 @@ def _release_memory_after_big_tests(request):
     yield
     if request.node.module.__name__.split(".")[-1] in (
             "test_parity_resnet", "test_parity_classic", "test_vit", "test_models_roundtrip",
-            "test_attention_maps", "test_pretrained"):
+            "test_attention_maps", "test_pretrained", "test_accelerator_path"):
         gc.collect()
         jax.clear_caches()
         if _LIBC is not None:

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from jaxnets.attention import MultiheadAttention
+from jaxnets.layers import cpu_detours
 from porting.state_dict import (PortingError, flax_to_torch, load_torch_state_dict,
                                 to_torch_state_dict)
 
@@ -173,6 +174,15 @@ def test_parity_with_torch(option, mask):
     rng = np.random.default_rng(0)
     q, k, v = _inputs(kw, rng)
     _check(t, f, q, k, v, _masks(mask, rng))
+
+
+@pytest.mark.parametrize("option,mask", [("default", "none"), ("batch_first", "none"),
+                                         ("default", "bool_kpm")])
+def test_parity_along_the_accelerator_path(option, mask):
+    """The same comparison with jaxnets.layers' CPU detours off: mask-free attention by
+    ``jax.nn.dot_product_attention``, as on a GPU or TPU (tests/test_accelerator_path.py)."""
+    with cpu_detours(False):
+        test_parity_with_torch(option, mask)
 
 
 @pytest.mark.parametrize("shared", [3, 2])
