@@ -198,3 +198,49 @@ def test_profile_step_reads_compiled_hlo_text():
     # A plain dot is a library call (XLA:CPU runs it in Eigen, after its event).
     assert d["d"] == ("dot", "f32[]", 0, True) and d["add"] == ("add", "f32[4]{0}", 0, False)
     assert program_operations(_HLO) == {"fusion.3", "d"}
+
+
+def test_device_check_short_run_writes_its_report(tmp_path, capsys):
+    """``python -m bench.device_check --short``: the lent-GPU script's CPU smoke run."""
+    from bench.device_check import main as device_check
+
+    assert device_check(["--short", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["environment"]["jax"] == jax.__version__
+    bench, parity = report["items"]
+    assert [bench["status"], parity["status"]] == ["done", "done"]
+    assert bench["arch"] == "lenet5" and bench["jax_ms"] > 0 and bench["torch_ms"] > 0
+    assert parity["passed"] and 0 < parity["grads"] < 1e-8 and parity["eval"] < 1e-4
+    md = (tmp_path / "device_check.md").read_text()
+    assert "| lenet5 | 4 | 32 | fp32 |" in md and "| lenet5 | 2x32x32x1 |" in md
+    assert md in capsys.readouterr().out
+
+
+def test_device_check_budget_and_errors(tmp_path):
+    """An item that raises is recorded and the run goes on; no item starts after the
+    budget; the report names what was not reached."""
+    from bench.device_check import Item, format_report, run_items
+
+    items = [Item("parity", "lenet6", 2), Item("parity", "lenet5", 2),
+             Item("bench", "resnet50", 2, 64)]
+    rows = run_items(items, budget_s=1e-9, out=str(tmp_path), header={"machine": "test"})
+    assert rows[0]["status"] == "error" and "lenet6" in rows[0]["error"]
+    assert [r["status"] for r in rows[1:]] == ["not reached", "not reached"]
+    md = format_report(rows, {"machine": "test"})
+    assert "ERROR" in md and "Not reached within the budget (2)" in md
+    assert json.loads((tmp_path / "device_check.json").read_text())["items"] == rows
+
+
+def test_device_check_plan_covers_every_model():
+    import jaxnets
+    from bench.device_check import GRAD_PARITY, main as device_check, plan
+
+    items = plan()
+    parity = [i.arch for i in items if i.kind == "parity"]
+    assert sorted(parity) == sorted(jaxnets.list_models(kind="image")
+                                    + jaxnets.list_models(kind="vector"))
+    assert items[0].arch == "resnet50" and items[0].precision == "bf16"
+    assert {i.arch for i in items if i.kind == "parity" and i.grads} == set(GRAD_PARITY)
+    assert {i.arch for i in items if i.kind == "bench"} == {
+        "lenet5", "resnet18_cifar", "resnet50", "vit_b_16", "transformer"}
+    assert device_check(["--skip-parity", "--skip-bench"]) == 2
