@@ -221,8 +221,9 @@ def format_report(rows: list[dict], header: dict) -> str:
     lines += ["", "## Train step (bench.train_step)", ""]
     if goal:
         ips = max(r["images_per_s"]["jax"] for r in goal)
-        lines.append(f"ResNet-50 bf16 train step: {ips:.0f} images/s (goal {GOAL_IMAGES_PER_S:.0f}: "
-                     f"{'met' if ips > GOAL_IMAGES_PER_S else 'not met'})")
+        verdict = "met" if ips > GOAL_IMAGES_PER_S else "not met"
+        lines.append(f"ResNet-50 bf16 train step: {ips:.0f} images/s "
+                     f"(goal {GOAL_IMAGES_PER_S:.0f}: {verdict})")
         lines.append("")
     fields = {f.name for f in dataclasses.fields(Result)}
     if bench:

@@ -153,6 +153,9 @@ _MIN_POSITIONS_FOR_WEIGHT_GRAD = 2048
 # slower than XLA's own weight gradient (``python -m bench.conv_ops --dtype float64
 # --batch 1``: 3x3, 64 channels, 56x56: 145.5 ms against 6.5).
 _ROW_GRAD_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Below this many input channels, the input gradient of a ``_conv_row_grad``
+# convolution is computed from the convolution by patches (``_conv_by_patches``).
+_FEW_CHANNELS = 16
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -181,7 +184,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     gradient as a convolution whose contracted features are the batch (8 at batch 8),
     2-3x slower than a one-dimensional convolution over a whole row of the image
     (3x3, 64 channels, 56x56 maps, batch 8: 49.7 ms against 16.4; torch 12.5 with
-    its forward pass).
+    its forward pass). Of those, a convolution of a one-channel input (LeNet-5's
+    first) computes its forward pass as one elementwise pass over the input's
+    shifted taps (``_conv_taps``): XLA:CPU's convolution runs at 10-20 GFLOP/s
+    there (1 -> 6 channels, 5x5, 64x32x32 input: 2.2-2.8 ms against 0.4-0.5), and
+    one of fewer than ``_FEW_CHANNELS`` input channels takes its input gradient as
+    a matmul and a sum of taps (LeNet-5's second: 1.2 ms against 2.1-2.6).
 
     Measured on this project's 2-core development machine (``bench/conv_ops.py``
     times each case). Everywhere else this is ``lax``'s convolution.
@@ -224,24 +232,59 @@ def _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_typ
         precision=precision, preferred_element_type=preferred_element_type)
 
 
+def _conv_taps(x, w, strides, padding, dilation, precision, preferred_element_type):
+    """An NHWC x HWIO convolution of a one-channel input as the sum of its shifted
+    taps times the kernel's rows: one elementwise pass (accumulated in float32 at
+    least), for the shapes where XLA:CPU's convolution is slowest."""
+    kh, kw, _, _ = w.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = _conv_out_len(x.shape[1], kh, sh, padding[0], dh)
+    ow = _conv_out_len(x.shape[2], kw, sw, padding[1], dw)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0))).astype(acc)
+    wf = w.astype(acc)
+    y = sum(xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
+            * wf[i, j, 0] for i in range(kh) for j in range(kw))
+    # Stored, not fused into its consumers: XLA:CPU would recompute the taps' sum in
+    # each (LeNet-5's max-pool and its gradient's mask: a slower step than lax's).
+    return fusion_barrier(y.astype(preferred_element_type or jnp.promote_types(x.dtype, w.dtype)),
+                          w)
+
+
+def _conv_forward(x, w, strides, padding, dilation, precision, preferred_element_type):
+    """The forward pass of ``_conv_row_grad``: by taps for one input channel, else lax's."""
+    conv = _conv_taps if x.shape[3] == 1 else _lax_conv
+    return conv(x, w, strides, padding, dilation, precision, preferred_element_type)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _conv_row_grad(x, w, strides, padding, dilation, precision, preferred_element_type):
-    """``lax``'s convolution, with ``_conv_weight_grad`` as its kernel gradient.
+    """A convolution with ``_conv_weight_grad`` as its kernel gradient.
 
-    The JVP rule is XLA's for the input tangent; for the kernel tangent it is the
-    transpose of ``_conv_weight_grad`` (``jax.linear_transpose``), so reverse mode,
-    transposing it back, computes the kernel gradient by ``_conv_weight_grad``.
-    Forward mode, ``vmap`` and higher derivatives work as for any jax function.
+    The forward pass is ``_conv_forward``'s. The JVP rule's input tangent term is
+    lax's convolution (below ``_FEW_CHANNELS`` input channels the convolution by
+    patches, whose transpose is one matmul and a sum of shifted taps: XLA:CPU's
+    input gradient with few output features is slow); for the kernel tangent it is
+    the transpose of ``_conv_weight_grad``
+    (``jax.linear_transpose``), so reverse mode, transposing it back, computes the
+    kernel gradient by ``_conv_weight_grad``. Forward mode, ``vmap`` and higher
+    derivatives work as for any jax function.
     """
-    return _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type)
+    return _conv_forward(x, w, strides, padding, dilation, precision, preferred_element_type)
 
 
 def _conv_row_grad_jvp(strides, padding, dilation, precision, pet, primals, tangents):
     (x, w), (tx, tw) = primals, tangents
-    y = _lax_conv(x, w, strides, padding, dilation, precision, pet)
+    y = _conv_forward(x, w, strides, padding, dilation, precision, pet)
     ty = None
     if type(tx) is not jax.custom_derivatives.SymbolicZero:  # a frozen input: no work
-        ty = _lax_conv(tx, w, strides, padding, dilation, precision, pet)
+        if x.shape[3] < _FEW_CHANNELS:
+            # Transposed (reverse mode): the input gradient as one matmul and the sum of
+            # its taps, where XLA:CPU's own (a convolution with few output features) is
+            # slow: LeNet-5's second convolution, 6 channels, batch 64: 1.2 ms against 2.6.
+            ty = _conv_by_patches(tx, w, strides, padding, dilation, 1, precision, pet)
+        else:
+            ty = _lax_conv(tx, w, strides, padding, dilation, precision, pet)
     if type(tw) is not jax.custom_derivatives.SymbolicZero:  # a frozen kernel: no work
         grad_w = functools.partial(_conv_weight_grad, x, kernel=w, strides=strides,
                                    padding=padding, dilation=dilation, precision=precision,

@@ -426,8 +426,22 @@ def test_conv_weight_grad_is_lax_kernel_gradient(form):
                                        atol=1e-10, err_msg=f"form {form}, case {k} {s} {p} {d}")
 
 
-@pytest.mark.parametrize("shape,stride", [((2, 32, 32, 3), 1), ((2, 64, 64, 3), 2)])
-def test_conv_row_grad_route_matches_lax_in_every_mode(shape, stride):
+# (input shape, kernel shape, stride, padding, (2-d, 1-d) convolutions in the gradient
+# program of (input and kernel, input alone, kernel alone)). 16 input channels: lax's
+# forward pass and input gradient. Fewer: the input gradient by patches (no convolution).
+# One: the forward pass by taps too (LeNet-5's first convolution).
+_ROW_GRAD_CASES = [
+    ((2, 32, 32, 16), (3, 3, 16, 4), 1, 1, ((2, 1), (2, 0), (1, 1))),
+    ((2, 64, 64, 3), (3, 3, 3, 4), 2, 1, ((1, 1), (1, 0), (1, 1))),
+    ((2, 36, 36, 6), (5, 5, 6, 16), 1, 0, ((1, 1), (1, 0), (1, 1))),
+    ((2, 36, 36, 1), (5, 5, 1, 6), 1, 0, ((0, 1), (0, 0), (0, 1))),
+    ((2, 63, 64, 1), (3, 3, 1, 8), 2, 1, ((0, 1), (0, 0), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad,want", _ROW_GRAD_CASES,
+                         ids=[f"{c[0][3]}ch-s{c[2]}" for c in _ROW_GRAD_CASES])
+def test_conv_row_grad_route_matches_lax_in_every_mode(shape, kernel, stride, pad, want):
     """A float32 convolution with enough output positions to take ``_conv_row_grad`` on
     CPU (``_MIN_POSITIONS_FOR_WEIGHT_GRAD``: 2048 here): value, gradients, forward mode,
     per-example gradients under vmap and a second derivative agree with lax's to float32
@@ -436,14 +450,15 @@ def test_conv_row_grad_route_matches_lax_in_every_mode(shape, stride):
     from jaxnets import layers
 
     rng = np.random.default_rng(7)
-    dn = jax.lax.conv_dimension_numbers(shape, (3, 3, 3, 4), ("NHWC", "HWIO", "NHWC"))
-    ours, plain = (functools.partial(f, window_strides=(stride, stride),
-                                     padding=((1, 1), (1, 1)), dimension_numbers=dn)
+    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+    pads = ((pad, pad), (pad, pad))
+    ours, plain = (functools.partial(f, window_strides=(stride, stride), padding=pads,
+                                     dimension_numbers=dn)
                    for f in (layers.conv_general_dilated, jax.lax.conv_general_dilated))
-    assert layers._output_positions(shape, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+    assert layers._output_positions(shape, kernel, (stride, stride), pads,
                                     (1, 1)) == layers._MIN_POSITIONS_FOR_WEIGHT_GRAD
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(kernel), jnp.float32)
     r = jnp.asarray(rng.standard_normal(plain(x, w).shape), jnp.float32)
     tx = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     tw = jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
@@ -474,9 +489,9 @@ def test_conv_row_grad_route_matches_lax_in_every_mode(shape, stride):
         nd = [e.invars[0].aval.ndim for e in eqns if e.primitive.name == "conv_general_dilated"]
         return nd.count(4), nd.count(3)
 
-    assert convs((0, 1)) == (2, 1)  # forward, input gradient; kernel gradient
-    assert convs(0) == (2, 0)       # a frozen kernel: no kernel gradient
-    assert convs(1) == (1, 1)       # a frozen input: no input gradient
+    # Input and kernel; a frozen kernel: no kernel gradient; a frozen input: no input
+    # gradient.
+    assert (convs((0, 1)), convs(0), convs(1)) == want
     with jax.enable_x64(True):      # float64 (parity's gradients): lax's own, 15-45x faster
         x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
         assert convs((0, 1), x64, w64) == (3, 0)
