@@ -380,6 +380,7 @@ def bench_arch(arch: str, *, batch: int, size: int | None, precision: str, steps
     import torch
 
     import jaxnets
+    from porting.parity import matmul_precision
     from porting.reference import build_torch_model
     from porting.state_dict import load_torch_state_dict
 
@@ -392,17 +393,12 @@ def bench_arch(arch: str, *, batch: int, size: int | None, precision: str, steps
     r = Result(arch, batch, size, precision, str(jax.devices()[0].device_kind),
                "cuda" if torch.cuda.is_available() else "cpu")
     # Scoped, not global: a caller's (e.g. the test suite's) settings survive.
-    with jax.default_matmul_precision("default" if tf32 else "highest"):
+    with matmul_precision(tf32=tf32):
         _bench_jax(model, spec, jax_in,
                    target.astype(np.int32) if spec.kind == "image" else target,
                    precision, steps, warmup, r)
-    del model
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    try:
+        del model
         _bench_torch(tmodel, spec, torch_in, target, precision, steps, warmup, r, compile_too)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return r
 
 

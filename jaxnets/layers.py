@@ -56,7 +56,6 @@ def cpu_detours(enabled: bool) -> Iterator[None]:
     Args:
       enabled: False for the accelerator forms.
     """
-    global _CPU_DETOURS
     before = _CPU_DETOURS
     _set_cpu_detours(bool(enabled))
     try:

@@ -52,7 +52,7 @@ from porting.state_dict import flax_to_torch, flax_variables, load_torch_state_d
     to_numpy, to_torch_state_dict
 
 __all__ = ["Quantity", "ParityResult", "randomize_torch_model", "compare_arrays", "run_parity",
-           "run_parity_inputs", "full_fp32", "jit_repeated_blocks", "repeated_block_types"]
+           "run_parity_inputs", "matmul_precision", "jit_repeated_blocks", "repeated_block_types"]
 
 # Thresholds: outputs absolute; statistics and gradients relative to the
 # tensor's largest magnitude (a gradient of 1e3 cannot be held to 1e-4 absolute
@@ -669,20 +669,26 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
     Returns:
       One ``ParityResult`` per input, in order (each starts with the round trip).
     """
-    with full_fp32(), jaxnets.layers.cpu_detours(cpu_detours):
+    with matmul_precision(tf32=False), jaxnets.layers.cpu_detours(cpu_detours):
         return _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads,
                                   fp32_grads, overrides)
 
 
 @contextlib.contextmanager
-def full_fp32():
-    """jax's default matmul precision ``"highest"`` and torch's CUDA TF32 off, inside."""
+def matmul_precision(*, tf32: bool):
+    """Both frameworks' fp32 matmul/convolution precision, inside; restored after.
+
+    Args:
+      tf32: True: TF32 allowed on GPU, as each framework uses it for speed (jax's
+        ``"default"`` precision, torch's ``allow_tf32`` flags on); False: full
+        fp32 (``"highest"``, the flags off).
+    """
     import torch
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        with jax.default_matmul_precision("highest"):
+        with jax.default_matmul_precision("default" if tf32 else "highest"):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
