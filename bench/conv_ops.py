@@ -263,9 +263,9 @@ def _print_rows(title: str, rows: list[dict], keys: tuple[str, ...], what: str):
 
 
 def main(argv=None) -> int:
-    from jaxnets.hostmem import reuse_freed_memory
+    from jaxnets.xla_cpu import prepare_cpu
 
-    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
+    prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=56, help="side of the first stage's maps")

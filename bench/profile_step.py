@@ -291,14 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       The exit status.
     """
-    from jaxnets.hostmem import reuse_freed_memory
+    from jaxnets.xla_cpu import prepare_cpu
 
-    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
+    prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     args = _parse(argv)
     if args.batch < 1 or args.steps < 1 or args.top < 1:
         print("error: --batch, --steps and --top must be >= 1", file=sys.stderr)
         return 2
-    if "jax" not in sys.modules and _TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    from jaxnets.hostmem import _backends_started
+
+    # jaxnets imports jax (prepare_cpu did); XLA reads its flags when its backends start.
+    if not _backends_started() and _TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_TRACEME_FLAG}".strip()
     import jaxnets
 

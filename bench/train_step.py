@@ -469,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       The exit status.
     """
-    from jaxnets.hostmem import reuse_freed_memory
+    from jaxnets.xla_cpu import prepare_cpu
 
-    reuse_freed_memory()  # before jax starts its threads: see jaxnets/hostmem.py
+    prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     args = _parse(argv)
     import jaxnets
 

@@ -191,7 +191,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     a matmul and a sum of taps (LeNet-5's second: 1.2 ms against 2.1-2.6).
 
     Measured on this project's 2-core development machine (``bench/conv_ops.py``
-    times each case). Everywhere else this is ``lax``'s convolution.
+    times each case), with XLA's default YNNPACK convolutions; the programs' XLA
+    convolutions (``jaxnets.xla_cpu``) keep the 1-d kernel gradient's gain at step
+    level. Everywhere else this is ``lax``'s convolution.
     """
     rhs_dilation = tuple(rhs_dilation or (1, 1))
     nhwc = (dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2)

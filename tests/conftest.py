@@ -46,6 +46,13 @@ if "numpy" in sys.modules:  # imported before this file: switch it off directly
     if _set is not None:
         _set(os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
 
+# The training and benchmark programs move XLA:CPU's convolutions off YNNPACK
+# (jaxnets/xla_cpu.py). The suite keeps XLA's default, as for the heap above: parity's
+# float64 gradients are 4-7x slower in XLA's own convolutions, and a program's main()
+# called in-process would switch a worker over depending on test order.
+# tests/test_xla_cpu.py unsets the variable for its subprocesses (parity included).
+os.environ.setdefault("JAXNETS_XLA_CPU_CONV", "ynn")
+
 import jax  # noqa: E402
 
 # Parity is judged at fp32 round-off: never let a backend pick a faster,
