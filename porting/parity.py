@@ -704,6 +704,9 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         raise ValueError(f"grads: modes must be among {GRAD_MODES}, got {modes}")
     if not inputs:
         raise ValueError("inputs: give at least one (size, batch)")
+    bad = [b for _, b in inputs if not (isinstance(b, (int, np.integer)) and b >= 1)]
+    if bad:
+        raise ValueError(f"inputs: batch sizes must be integers >= 1, got {bad[0]!r}")
     for name, value in (("jit", jit), ("jit64", jit64)):
         allowed = isinstance(value, bool) or value == "blocks"
         if not (allowed or (name == "jit64" and value is None)):

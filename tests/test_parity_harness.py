@@ -135,6 +135,16 @@ def test_an_unknown_jit_mode_is_one_clear_error(kw):
         run_parity("mlp", **kw)
 
 
+@pytest.mark.parametrize("batch", [0, -1, 1.5])
+def test_a_bad_batch_size_is_one_clear_error(batch):
+    from porting.parity import run_parity, run_parity_inputs
+
+    with pytest.raises(ValueError, match=f"batch sizes must be integers >= 1, got {batch!r}"):
+        run_parity("mlp", batch=batch)
+    with pytest.raises(ValueError, match="batch sizes must be integers >= 1"):
+        run_parity_inputs("mlp", [(None, 2), (None, batch)])
+
+
 def test_given_weights_are_used_in_float32_and_left_as_they_were():
     # With a state_dict the torch reference is built on the meta device and adopts float32
     # copies of the values: its train-mode pass must not write BatchNorm statistics into
