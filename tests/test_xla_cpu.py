@@ -29,11 +29,16 @@ print(json.dumps({"early": early, "late": late, "flags": os.environ.get("XLA_FLA
 """
 
 
-def _run(when: str, **env) -> dict:
+def _env(**extra) -> dict:
+    """The suite's environment without its XLA_FLAGS and conv opt-out, plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNETS_XLA_CPU_CONV")}
+    return {**base, "PYTHONPATH": str(ROOT), **extra}
+
+
+def _run(when: str, **env) -> dict:
     out = subprocess.run([sys.executable, "-c", _SCRIPT, when], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=300,
-                         env={**base, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **env})
+                         env=_env(JAX_PLATFORMS="cpu", **env))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,10 +87,9 @@ def test_not_applied_for_accelerators_or_a_jaxlib_without_the_flag(monkeypatch):
 def test_the_programs_apply_it_before_jax_starts(tmp_path):
     script = ("import sys\nfrom bench import train_step\nfrom jaxnets import xla_cpu\n"
               "rc = train_step.main(sys.argv[1:])\nprint(rc, xla_cpu._applied)\n")
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNETS_XLA_CPU_CONV")}
     out = subprocess.run([sys.executable, "-c", script, "--short", "--arch", "lenet5"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**base, "PYTHONPATH": str(ROOT)})
+                         env=_env())
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "0 True", (
         out.stdout + out.stderr)
 
@@ -96,9 +100,8 @@ def test_parity_with_xlas_own_convolutions():
     # 1-d kernel gradient, the 1x1 shortcut as a matmul, lax's forward and input gradient.
     script = ("import sys\nfrom jaxnets import xla_cpu\nassert xla_cpu.eigen_convolutions()\n"
               "from porting import verify\nsys.exit(verify.main(sys.argv[1:]))\n")
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXNETS_XLA_CPU_CONV")}
     out = subprocess.run([sys.executable, "-c", script, "--arch", "resnet18_cifar", "--size",
                           "32", "32", "--batch", "2"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**base, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                         timeout=600, env=_env(JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith("PASS: resnet18_cifar"), out.stdout
