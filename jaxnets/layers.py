@@ -268,8 +268,10 @@ def _conv_row_grad(x, w, strides, padding, dilation, precision, preferred_elemen
     input gradient with few output features is slow); for the kernel tangent it is
     the transpose of ``_conv_weight_grad``
     (``jax.linear_transpose``), so reverse mode, transposing it back, computes the
-    kernel gradient by ``_conv_weight_grad``. Forward mode, ``vmap`` and higher
-    derivatives work as for any jax function.
+    kernel gradient by ``_conv_weight_grad``, which reads the input through a
+    ``fusion_barrier`` (as stored, not recomputed from the operations that made
+    it). Forward mode, ``vmap`` and higher derivatives work as for any jax
+    function.
     """
     return _conv_forward(x, w, strides, padding, dilation, precision, preferred_element_type)
 
@@ -287,9 +289,13 @@ def _conv_row_grad_jvp(strides, padding, dilation, precision, pet, primals, tang
         else:
             ty = _lax_conv(tx, w, strides, padding, dilation, precision, pet)
     if type(tw) is not jax.custom_derivatives.SymbolicZero:  # a frozen kernel: no work
-        grad_w = functools.partial(_conv_weight_grad, x, kernel=w, strides=strides,
-                                   padding=padding, dilation=dilation, precision=precision,
-                                   preferred_element_type=pet)
+        # The input as stored: without the barrier XLA:CPU fused the chain that made
+        # it (BatchNorm and ReLU, the residual add) into the kernel gradient's
+        # transposes and recomputed it there (ResNet-18, CIFAR: fusions of 10
+        # operands; the step ~7% slower: bench/README.md).
+        grad_w = functools.partial(_conv_weight_grad, fusion_barrier(x, w), kernel=w,
+                                   strides=strides, padding=padding, dilation=dilation,
+                                   precision=precision, preferred_element_type=pet)
         by_kernel, = jax.linear_transpose(grad_w, jax.ShapeDtypeStruct(y.shape, y.dtype))(tw)
         ty = by_kernel if ty is None else ty + by_kernel
     return y, (jnp.zeros_like(y) if ty is None else ty)

@@ -497,6 +497,28 @@ def test_conv_row_grad_route_matches_lax_in_every_mode(shape, kernel, stride, pa
         assert convs((0, 1), x64, w64) == (3, 0)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU route's compiled program")
+def test_conv_row_grad_reads_its_input_as_stored():
+    """The 1-d kernel gradient transposes the convolution's input as it was stored
+    (a ``fusion_barrier``): XLA:CPU otherwise fused the elementwise chain that made it
+    (here a ReLU of an affine map, as BatchNorm + ReLU) into those transposes, computing
+    it twice. The chain's ``maximum`` is in the compiled gradient program once."""
+    from jaxnets import layers
+
+    shape, kernel = (2, 32, 32, 16), (3, 3, 16, 4)
+    dn = jax.lax.conv_dimension_numbers(shape, kernel, ("NHWC", "HWIO", "NHWC"))
+    rng = np.random.default_rng(3)
+    x, w, s = (jnp.asarray(rng.standard_normal(a), jnp.float32) for a in (shape, kernel, 16))
+
+    def loss(w, x, s):
+        y = layers.conv_general_dilated(jnp.maximum(x * s + 1.0, 0.0), w, (1, 1),
+                                        ((1, 1), (1, 1)), dimension_numbers=dn)
+        return jnp.sum(y ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(w, x, s).compile().as_text()
+    assert hlo.count("maximum(") == 1 and hlo.count("conditional(") == 1
+
+
 def test_fusion_barrier_is_the_identity_in_every_mode():
     """``fusion_barrier``'s values and derivatives (reverse, forward, second order,
     per-example under vmap) are the identity's, bit for bit, with or without an
