@@ -586,26 +586,28 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
+        affine = self.scale is not None
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-            xhat = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+            y = (x32 - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
+            if affine:
+                y = y * self.scale[...] + self.bias[...]
+            return y.astype(dtype)
+        if affine:
+            y, mean, var = _batch_norm(x32, self.scale[...], self.bias[...], self.eps)
         else:
-            n = math.prod(x.shape[:-1])
-            xhat, mean, var = _normalize(x32, self.eps)
-            m = self.momentum
-            unbiased = var * (n / max(n - 1, 1))
-            stat = self.mean[...].dtype
-            # set_value, not `self.mean[...] = ...`: flax's indexed assignment
-            # probes the new value's sharding, which on a tracer under grad walks
-            # the whole trace (measured: 60% of tracing a ResNet-101 train step).
-            self.mean.set_value(((1 - m) * self.mean[...]
-                                 + m * jax.lax.stop_gradient(mean)).astype(stat))
-            self.var.set_value(((1 - m) * self.var[...]
-                                + m * jax.lax.stop_gradient(unbiased)).astype(stat))
-            self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
-        y = xhat
-        if self.scale is not None:
-            y = y * self.scale[...] + self.bias[...]
+            y, mean, var = _normalize(x32, self.eps)
+        n = math.prod(x.shape[:-1])
+        m = self.momentum
+        unbiased = var * (n / max(n - 1, 1))
+        stat = self.mean[...].dtype
+        # set_value, not `self.mean[...] = ...`: flax's indexed assignment
+        # probes the new value's sharding, which on a tracer under grad walks
+        # the whole trace (measured: 60% of tracing a ResNet-101 train step).
+        self.mean.set_value(((1 - m) * self.mean[...]
+                             + m * jax.lax.stop_gradient(mean)).astype(stat))
+        self.var.set_value(((1 - m) * self.var[...]
+                            + m * jax.lax.stop_gradient(unbiased)).astype(stat))
+        self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)
         return y.astype(dtype)
 
 
@@ -637,6 +639,55 @@ def _normalize_jvp(eps, primals, tangents):
     t_xhat = jnp.mean(t * xhat, axis=axes)  # d var = 2 (x - mean) t / n = 2 xhat t / (n rstd)
     return ((xhat, mean, var),
             (rstd * (t - t_mean - xhat * t_xhat), t_mean, 2.0 * t_xhat / rstd))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    """Train-mode batch normalisation with its affine terms: ``(y, mean, biased var)``.
+
+    ``_normalize`` then ``* scale + bias``, with a derivative rule of its own. Its
+    tangent applies the per-channel factor ``scale * rstd`` to the input's tangent
+    before the two means that project it, and adds the scale's and the bias's
+    tangents beside those means (``xhat * (t_scale - mean(u * xhat)) + (t_bias -
+    mean(u))``). Reverse mode, its transpose, then computes ``sum(g)`` and
+    ``sum(g * xhat)`` once each: they are the bias's and the scale's gradients and
+    the two means of the input's gradient. Composing ``_normalize``'s rule with the
+    affine map computes them twice, once on ``g`` and once on ``g * scale``, six
+    reductions per layer where four do (train-mode BatchNorm + ReLU gradient,
+    8x56x56x256: ~10 against ~7.5 ms on the development machine). Frozen terms
+    (symbolic zero tangents) cost nothing.
+    """
+    xhat, mean, var = _normalize(x, eps)
+    return xhat * scale + bias, mean, var
+
+
+def _batch_norm_jvp(eps, primals, tangents):
+    (x, scale, bias), (tx, ts, tb) = primals, tangents
+    xhat, mean, var = _normalize(x, eps)
+    y = xhat * scale + bias
+    rstd = jax.lax.rsqrt(var + eps)
+    axes = tuple(range(x.ndim - 1))
+    zero = jax.custom_derivatives.SymbolicZero
+    per_channel = jnp.zeros(scale.shape, xhat.dtype)  # multiplies xhat
+    shift = jnp.zeros(bias.shape, xhat.dtype)  # added to it
+    ty, t_mean, t_var = None, jnp.zeros_like(mean), jnp.zeros_like(var)
+    if type(tx) is not zero:
+        u = tx * (scale * rstd)
+        ty = u
+        per_channel = per_channel - jnp.mean(u * xhat, axis=axes)
+        shift = shift - jnp.mean(u, axis=axes)
+        t_mean = jnp.mean(tx, axis=axes)
+        t_var = 2.0 * jnp.mean(tx * xhat, axis=axes) / rstd
+    if type(ts) is not zero:
+        per_channel = ts + per_channel
+    if type(tb) is not zero:
+        shift = tb + shift
+    by_stats = xhat * per_channel + shift
+    ty = by_stats if ty is None else ty + by_stats
+    return (y, mean, var), (ty, t_mean, t_var)
+
+
+_batch_norm.defjvp(_batch_norm_jvp, symbolic_zeros=True)
 
 
 def fusion_barrier(x: jax.Array, anchor: jax.Array | None = None) -> jax.Array:

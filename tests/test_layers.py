@@ -285,6 +285,72 @@ def test_batchnorm_derivative_rule_is_exact_in_both_modes():
         assert float(jnp.abs(g).max()) > 0.1
 
 
+def _plain_batch_norm(x, scale, bias, eps):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("wrt", [(0, 1, 2), (0,), (1, 2), (0, 2)])
+def test_affine_batchnorm_derivative_rule_is_exact(wrt):
+    """``layers._batch_norm`` (train-mode BatchNorm with its affine terms, own JVP
+    rule) against autodiff of the plain formula, float64: forward mode, reverse
+    mode with some arguments frozen (symbolic zero tangents), and second order."""
+    from jaxnets.layers import _batch_norm
+
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):
+        args = [jnp.asarray(rng.standard_normal((3, 4, 5, 6)) * 2 + 1),
+                jnp.asarray(rng.uniform(0.5, 1.5, 6)), jnp.asarray(rng.standard_normal(6))]
+        tans = [jnp.asarray(rng.standard_normal(a.shape)) for a in args]
+        cts = tuple(jnp.asarray(rng.standard_normal(s)) for s in ((3, 4, 5, 6), (6,), (6,)))
+
+        def pick(f):
+            def g(*free):
+                full = list(args)
+                for i, v in zip(wrt, free):
+                    full[i] = v
+                return f(*full, 1e-3)
+            return g
+
+        ours, want = pick(_batch_norm), pick(_plain_batch_norm)
+        free = [args[i] for i in wrt]
+        free_t = [tans[i] for i in wrt]
+        for a, b in zip(jax.tree.leaves(jax.jvp(ours, free, free_t)),
+                        jax.tree.leaves(jax.jvp(want, free, free_t))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+        got, expect = jax.vjp(ours, *free)[1](cts), jax.vjp(want, *free)[1](cts)
+        for a, b in zip(got, expect):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+            assert float(jnp.abs(a).max()) > 0.1
+
+        def second(f):  # forward over reverse: a Hessian-vector product
+            grad = jax.grad(lambda *v: jnp.sum(jnp.tanh(f(*v)[0]) * cts[0]),
+                            argnums=tuple(range(len(free))))
+            return jax.jvp(grad, free, free_t)[1]
+
+        for a, b in zip(second(ours), second(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
+
+
+def test_affine_batchnorm_gradient_reduces_twice_per_pass():
+    """The gradient of a train-mode BatchNorm (with scale and bias) + ReLU needs four
+    reductions over the batch: mean and variance forward, ``sum(g)`` and
+    ``sum(g * xhat)`` backward, those two serving the input's, the scale's and the
+    bias's gradients alike. Composing ``_normalize``'s rule with ``* scale + bias``
+    compiled six."""
+    bn = BatchNorm(8)
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def loss(p, s, x):
+        y = nnx.merge(graphdef, p, s, copy=True)(x)
+        return jnp.sum(jax.nn.relu(y) ** 2)
+
+    x = jnp.ones((4, 5, 5, 8))
+    text = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, stats, x).compile().as_text()
+    assert text.count(" reduce(") == 4, text
+
+
 def test_sequential_paths_and_order():
     rngs = nnx.Rngs(0)
 
