@@ -118,10 +118,21 @@ class Sequential(nnx.List):
         return x
 
 
-def _spatial_kernel_exceeds_input(lhs_shape, rhs_shape, rhs_dilation) -> bool:
-    """An input side longer than 1 and shorter than the (dilated) kernel's."""
-    return any(1 < size < d * (k - 1) + 1
-               for size, k, d in zip(lhs_shape[1:3], rhs_shape[:2], rhs_dilation))
+def _spatial_kernel_exceeds_map(lhs_shape, rhs_shape, strides, padding, rhs_dilation) -> bool:
+    """An input or output side longer than 1 and shorter than the (dilated) kernel's.
+
+    The output's side matters for the gradient: XLA:CPU computes the input gradient
+    as a convolution over the output gradient, which is then the short map (a 3x3,
+    stride-2 convolution from 4x4 to 2x2 maps, 256 -> 512 channels, batch 64, ResNet's
+    last downsampling at 64 px: 120 ms against 2.4 by patches; its forward pass and
+    kernel gradient are not slow).
+    """
+    for size, k, s, pads, d in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding,
+                                   rhs_dilation):
+        span = d * (k - 1) + 1
+        if 1 < size < span or 1 < _conv_out_len(size, k, s, pads, d) < span:
+            return True
+    return False
 
 
 def _pointwise(rhs_shape) -> bool:
@@ -174,7 +185,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       conv, padding 1, on a 2x2 map: ResNet's last stage at 64 px, VGG's last
       block at 32 px), which XLA:CPU runs 20-100x slower than any other shape:
       3 GFLOP/s against 100-250 (``resnet18_cifar`` at 16x16 ran a train step
-      10x slower than torch because of it).
+      10x slower than torch because of it); likewise an output side above 1 but
+      below the kernel's, whose input gradient is such a convolution (ResNet's last
+      downsampling, 4x4 to 2x2 maps at stride 2).
 
     Every other ungrouped NHWC convolution on CPU in ``_ROW_GRAD_DTYPES`` (not
     float64) with at least ``_MIN_POSITIONS_FOR_WEIGHT_GRAD`` output positions is
@@ -210,7 +223,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                              f"{rhs_dilation}) is larger than the padded input "
                              f"{tuple(lhs.shape[1:3])} + padding {pads}")
         if (_pointwise(rhs.shape)
-                or _spatial_kernel_exceeds_input(lhs.shape, rhs.shape, rhs_dilation)):
+                or _spatial_kernel_exceeds_map(lhs.shape, rhs.shape, strides, pads,
+                                               rhs_dilation)):
             return _conv_by_patches(lhs, rhs, strides, pads, rhs_dilation, feature_group_count,
                                     precision, preferred_element_type)
         if (feature_group_count == 1 and lhs.dtype in _ROW_GRAD_DTYPES and _output_positions(

@@ -394,6 +394,8 @@ def test_sequential_paths_and_order():
     ((4, 2), 5, 1, 2, 1, 1),
     ((3, 3), 3, 1, 2, 2, 1),      # dilated: a 5x5 footprint over a 3x3 map
     ((2, 7), (3, 1), 1, (1, 0), 1, 2),  # only the height is short
+    ((4, 4), 3, 2, 1, 1, 1),      # a short output: ResNet's last downsampling at 64 px
+    ((4, 5), 3, 1, 0, 1, 1),      # a short output at stride 1 (2x3 from 4x5, no padding)
     ((5, 5), 3, 1, 1, 1, 1),      # not short: lax's convolution
     ((5, 6), 1, 1, 0, 1, 1),      # 1x1: a matmul (ResNet-50's bottlenecks)
     ((7, 6), 1, 2, 0, 1, 1),      # 1x1 stride 2: ResNet's downsampling shortcut
@@ -413,8 +415,8 @@ def test_conv2d_detours_match_torch(hw, k, stride, padding, dilation, groups):
     with jax.default_matmul_precision("highest"):
         _compare(conv, tconv, x, rng, tol=1e-5, what=f"conv2d {hw} k={k}")
         ops = str(jax.make_jaxpr(jax.grad(lambda v: conv(v).sum()))(jnp.asarray(x)))
-    short = layers._spatial_kernel_exceeds_input(x.shape, conv.kernel.shape,
-                                                 conv.kernel_dilation)
+    short = layers._spatial_kernel_exceeds_map(x.shape, conv.kernel.shape, conv.strides,
+                                               conv.padding, conv.kernel_dilation)
     pointwise = k == 1
     assert short == (hw != (5, 5) and not pointwise)
     # The detour (CPU only) has no convolution in its forward or backward pass.
