@@ -333,8 +333,9 @@ def _conv_weight_grad(x, dy, kernel, strides, padding, dilation, precision,
       the stride is above 1.
     * form "B": into its output features, beside the output channels: ``dy`` is
       copied once per kernel row, shifted down ``a*dh`` rows (with ``sh - 1`` zero
-      rows between its own at a stride), the input is only transposed. Best at
-      stride 1 (ResNet's 3x3 convolutions).
+      rows between its own at a stride), the input is only transposed (in two
+      steps, the first stored: a 2-d transpose, then a swap of major axes). Best
+      at stride 1 (ResNet's 3x3 convolutions).
 
     ``kernel`` gives the gradient's shape and dtype (an array or a
     ``jax.ShapeDtypeStruct``); ``x`` is cast to ``dy``'s dtype first, as lax's own
@@ -360,7 +361,12 @@ def _conv_weight_grad(x, dy, kernel, strides, padding, dilation, precision,
         lhs = jnp.transpose(rows, (0, 4, 3, 1, 2)).reshape(kh * c, wn, n * oh)
         rhs = dyt.reshape(ow, n * oh, cout)
     else:
-        lhs = jnp.transpose(xp, (3, 2, 0, 1)).reshape(c, wn, n * hn)
+        # (n, h, w, c) -> (c, w, n*h) in two steps, a 2-d transpose of ((n h), (w c))
+        # stored, then a swap of its two major axes (contiguous runs of n*h):
+        # XLA:CPU's one-step 4-d transpose is slower.
+        anchor = kernel if isinstance(kernel, jax.Array) else None
+        t = fusion_barrier(jnp.transpose(xp.reshape(n * hn, wn * c)), anchor)
+        lhs = jnp.transpose(t.reshape(wn, c, n * hn), (1, 0, 2))
         zero = jnp.zeros((), dy.dtype)
         rhs = jnp.stack([jax.lax.pad(dyt, zero, ((0, 0, 0), (0, 0, 0),
                                                  (a * dh, hn - a * dh - (oh - 1) * sh - 1, sh - 1),
