@@ -227,6 +227,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                                rhs_dilation)):
             return _conv_by_patches(lhs, rhs, strides, pads, rhs_dilation, feature_group_count,
                                     precision, preferred_element_type)
+        if feature_group_count > 1:
+            return _grouped_conv(lhs, rhs, strides, pads, rhs_dilation, feature_group_count,
+                                 precision, preferred_element_type)
         if (feature_group_count == 1 and lhs.dtype in _ROW_GRAD_DTYPES and _output_positions(
                 lhs.shape, rhs.shape, strides, pads, rhs_dilation)
                 >= _MIN_POSITIONS_FOR_WEIGHT_GRAD):
@@ -316,6 +319,47 @@ def _conv_row_grad_jvp(strides, padding, dilation, precision, pet, primals, tang
 
 
 _conv_row_grad.defjvp(_conv_row_grad_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _grouped_conv(x, w, strides, padding, dilation, groups, precision, preferred_element_type):
+    """A grouped convolution: lax's forward pass, the derivatives of the convolution by
+    patches (``_conv_by_patches``).
+
+    XLA:CPU computes a grouped convolution's kernel gradient 40-90x slower than the
+    transpose of the patches' einsum (ResNeXt-50's 3x3, 128 channels in 32 groups,
+    56x56, batch 8: 7070 ms against 96; its train step took 54 s against torch's 1.4)
+    and its input gradient 1-5x slower (61 against 23 ms), while its forward pass is
+    3-7x faster than the patches' (61 against 201 ms). The JVP rule's tangent is the
+    patches' (each term skipped for a symbolic zero), so reverse mode transposes that;
+    the input it reads for the kernel's term is stored (``fusion_barrier``).
+    """
+    return _lax_grouped(x, w, strides, padding, dilation, groups, precision,
+                        preferred_element_type)
+
+
+def _lax_grouped(x, w, strides, padding, dilation, groups, precision, preferred_element_type):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups, precision=precision,
+        preferred_element_type=preferred_element_type)
+
+
+def _grouped_conv_jvp(strides, padding, dilation, groups, precision, pet, primals, tangents):
+    (x, w), (tx, tw) = primals, tangents
+    y = _lax_grouped(x, w, strides, padding, dilation, groups, precision, pet)
+    zero = jax.custom_derivatives.SymbolicZero
+    terms = []
+    if type(tx) is not zero:
+        terms.append(_conv_by_patches(tx, w, strides, padding, dilation, groups, precision, pet))
+    if type(tw) is not zero:
+        terms.append(_conv_by_patches(fusion_barrier(x, w), tw, strides, padding, dilation,
+                                      groups, precision, pet))
+    ty = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+    return y, ty
+
+
+_grouped_conv.defjvp(_grouped_conv_jvp, symbolic_zeros=True)
 
 
 def _conv_weight_grad(x, dy, kernel, strides, padding, dilation, precision,
