@@ -247,11 +247,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         precision=precision, **kwargs)
 
 
-def _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type):
+def _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type, groups=1):
     """``lax``'s NHWC x HWIO convolution."""
     return jax.lax.conv_general_dilated(
         x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=precision, preferred_element_type=preferred_element_type)
+        feature_group_count=groups, precision=precision,
+        preferred_element_type=preferred_element_type)
 
 
 def _conv_taps(x, w, strides, padding, dilation, precision, preferred_element_type):
@@ -338,20 +339,13 @@ def _grouped_conv(x, w, strides, padding, dilation, groups, precision, preferred
     patches' (each term skipped for a symbolic zero), so reverse mode transposes that;
     the input it reads for the kernel's term is stored (``fusion_barrier``).
     """
-    return _lax_grouped(x, w, strides, padding, dilation, groups, precision,
-                        preferred_element_type)
-
-
-def _lax_grouped(x, w, strides, padding, dilation, groups, precision, preferred_element_type):
-    return jax.lax.conv_general_dilated(
-        x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups, precision=precision,
-        preferred_element_type=preferred_element_type)
+    return _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type,
+                     groups)
 
 
 def _grouped_conv_jvp(strides, padding, dilation, groups, precision, pet, primals, tangents):
     (x, w), (tx, tw) = primals, tangents
-    y = _lax_grouped(x, w, strides, padding, dilation, groups, precision, pet)
+    y = _lax_conv(x, w, strides, padding, dilation, precision, pet, groups)
     zero = jax.custom_derivatives.SymbolicZero
     terms = []
     if type(tx) is not zero:
