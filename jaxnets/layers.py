@@ -234,7 +234,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         if feature_group_count > 1:
             return _grouped_conv(lhs, rhs, strides, pads, rhs_dilation, feature_group_count,
                                  precision, preferred_element_type)
-        if (feature_group_count == 1 and lhs.dtype in _ROW_GRAD_DTYPES and _output_positions(
+        if (lhs.dtype in _ROW_GRAD_DTYPES and _output_positions(
                 lhs.shape, rhs.shape, strides, pads, rhs_dilation)
                 >= _MIN_POSITIONS_FOR_WEIGHT_GRAD):
             return _conv_row_grad(lhs, rhs, strides, pads, rhs_dilation, precision,
