@@ -644,8 +644,8 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
                       state_dict: dict | None = None, seed: int = 0,
                       jit: bool | str = True, jit64: bool | str | None = None,
                       grads: bool | Sequence[str] = True, fp32_grads: bool = False,
-                      overrides: dict | None = None,
-                      cpu_detours: bool = True) -> list[ParityResult]:
+                      overrides: dict | None = None, cpu_detours: bool = True,
+                      grads_at: Sequence[int] | None = None) -> list[ParityResult]:
     """``run_parity`` at several input sizes, with one build of the two models.
 
     The models (and, with ``grads``, their float64 copies) are built, ported
@@ -665,13 +665,16 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
         The first one also calibrates the random BatchNorm statistics.
       state_dict, seed, jit, jit64, grads, fp32_grads, overrides, cpu_detours: as in
         ``run_parity``.
+      grads_at: the indices of ``inputs`` at which ``grads`` are compared (the
+        float64 pass: most of a big model's time); None: at every input. The others
+        compare outputs and statistics only.
 
     Returns:
       One ``ParityResult`` per input, in order (each starts with the round trip).
     """
     with matmul_precision(tf32=False), jaxnets.layers.cpu_detours(cpu_detours):
         return _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads,
-                                  fp32_grads, overrides)
+                                  fp32_grads, overrides, grads_at)
 
 
 @contextlib.contextmanager
@@ -695,7 +698,7 @@ def matmul_precision(*, tf32: bool):
 
 
 def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_grads,
-                       overrides) -> list[ParityResult]:
+                       overrides, grads_at) -> list[ParityResult]:
     import copy
 
     overrides = dict(overrides or {})
@@ -711,6 +714,13 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         allowed = isinstance(value, bool) or value == "blocks"
         if not (allowed or (name == "jit64" and value is None)):
             raise ValueError(f"{name}: True, False or 'blocks', got {value!r}")
+    if grads_at is None:
+        grads_at = range(len(inputs))
+    grads_at = sorted(set(grads_at))
+    if not all(isinstance(i, (int, np.integer)) and 0 <= i < len(inputs) for i in grads_at):
+        raise ValueError(f"grads_at: indices of the {len(inputs)} inputs, got {grads_at}")
+    if not grads_at:
+        modes = ()
     spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, *inputs[0])
     round_trip = compare_round_trip(fmodel, tmodel.state_dict())
     # The train-mode pass updates BatchNorm buffers; every input starts from these
@@ -731,13 +741,14 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         if i:
             tmodel.load_state_dict(start_buffers, strict=False)
             _restore_stats(fmodel, start_stats)
-            if modes:
+            if models64[0] is not None:  # not yet dropped after its last input
                 models64[0].load_state_dict(start_buffers, strict=False)  # cast to float64
                 with jax.enable_x64(True):
                     _restore_stats(models64[1], start_stats64)
-        qs = _compare_at(arch, spec, tmodel, fmodel, models64, i == len(inputs) - 1,
+        at = modes if i in grads_at else ()
+        qs = _compare_at(arch, spec, tmodel, fmodel, models64, bool(at) and i == grads_at[-1],
                          start_buffers, size, batch, seed, (jit, jit if jit64 is None else jit64),
-                         modes, fp32_grads)
+                         at, fp32_grads)
         results.append(ParityResult(arch, qs[0], [round_trip] + qs[1:]))
     return results
 

@@ -145,6 +145,30 @@ def test_a_bad_batch_size_is_one_clear_error(batch):
         run_parity_inputs("mlp", [(None, 2), (None, batch)])
 
 
+@pytest.mark.parametrize("grads_at", [[0], [1], []])
+def test_gradients_at_some_inputs_only(grads_at):
+    # The float64 gradient pass runs at the inputs named; every input still compares
+    # outputs and statistics, from the same weights (the float64 copies are dropped
+    # after the last input that uses them).
+    from porting.parity import run_parity_inputs
+
+    results = run_parity_inputs("resnet18_cifar", [((32, 32), 2), ((40, 24), 2)],
+                                grads=("train",), grads_at=grads_at)
+    assert [r.input_shape for r in results] == [(2, 32, 32, 3), (2, 40, 24, 3)]
+    for i, result in enumerate(results):
+        assert result.passed, result.table()
+        names = [q.name for q in result.quantities]
+        assert "eval logits" in names and "BN running stats" in names
+        assert any(n.startswith("grads fp64") for n in names) == (i in grads_at), names
+
+
+def test_grads_at_an_input_that_is_not_there_is_one_clear_error():
+    from porting.parity import run_parity_inputs
+
+    with pytest.raises(ValueError, match=r"grads_at: indices of the 2 inputs, got \[2\]"):
+        run_parity_inputs("mlp", [(None, 2), (None, 1)], grads_at=[2])
+
+
 def test_given_weights_are_used_in_float32_and_left_as_they_were():
     # With a state_dict the torch reference is built on the meta device and adopts float32
     # copies of the values: its train-mode pass must not write BatchNorm statistics into
