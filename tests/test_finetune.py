@@ -196,6 +196,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert needle in _one_error_line(capsys)
 
 
+def test_an_input_size_the_model_cannot_take_fails_before_weights_are_read(
+        tmp_path, capsys, monkeypatch):
+    # Checked on a model without values: no pretrained file is fetched or read first.
+    from porting import pretrained
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("pretrained weights read before the input size was checked")
+
+    monkeypatch.setattr(pretrained, "load_torchvision", fetched)
+    args = ["--arch", "inception_v3", "--dataset", "digits", "--weights", "DEFAULT",
+            "--image-size", "224", "--output-dir", str(tmp_path / "run")]
+    assert finetune.main(args) == 2
+    assert "cannot take --image-size 224 in training" in _one_error_line(capsys)
+    # Evaluation alone does not need the auxiliary head: the check passes, then the
+    # weights are read (here: the stand-in's error, reported as the weights' own).
+    assert finetune.main(args[:-2] + ["--eval-only", "--output-dir", str(tmp_path / "ev")]) == 2
+    assert "--weights DEFAULT: pretrained weights read before" in _one_error_line(capsys)
+
+
 def test_bad_flags_and_wrong_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         finetune.main(["--arch", "lenet5", "--dataset", "digits", "--lr-mult", "fc3"])

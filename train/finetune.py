@@ -24,6 +24,7 @@ kept); 130 interrupted by Ctrl-C (after saving a checkpoint).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -127,6 +128,57 @@ def _pretrained(cfg, spec, num_classes: int):
     return meta, build
 
 
+def _model_overrides(cfg, spec) -> dict:
+    """The constructor options of the run's model (``--model-arg``, a vector model's
+    input width)."""
+    overrides = dict(cfg.model_args)
+    if spec.kind == "vector":
+        overrides.setdefault("in_features", cfg.image_size ** 2 * spec.in_channels)
+    return overrides
+
+
+def _create_model(cfg, num_classes: int, overrides: dict):
+    import jaxnets
+
+    try:
+        return jaxnets.create_model(cfg.arch, num_classes=num_classes, seed=cfg.seed,
+                                    **overrides)
+    except TypeError as e:
+        raise RunError(f"--model-arg: {e}") from None
+
+
+def check_input_size(cfg, spec, num_classes: int) -> None:
+    """Fails fast when the model cannot take ``--image-size`` images.
+
+    Traced on a model built without values (``nnx.eval_shape``), in eval mode and, for
+    a training run, in train mode (Inception v3's auxiliary classifier needs larger
+    inputs): before any weights are read, downloaded or initialised.
+
+    Raises:
+        RunError: Naming the size and the model's own error.
+    """
+    import jax
+    from flax import nnx
+
+    overrides = _model_overrides(cfg, spec)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: _create_model(cfg, num_classes,
+                                                                     overrides)))
+    x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
+
+    def forward(state, x, train):
+        model = nnx.merge(graphdef, state)
+        model.train() if train else model.eval()
+        return model(x)
+
+    for train in (False,) if cfg.eval_only else (False, True):
+        try:
+            jax.eval_shape(functools.partial(forward, train=train), state, x)
+        except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+            raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
+                           f"{' in training' if train else ''}: "
+                           f"{str(e).splitlines()[0][:300]}") from None
+
+
 def build_model(cfg, spec, num_classes: int, build_pretrained=None):
     """Creates the model as ``--weights`` says.
 
@@ -139,17 +191,10 @@ def build_model(cfg, spec, num_classes: int, build_pretrained=None):
     Returns:
         (model, one-line load report).
     """
-    import jaxnets
-
-    overrides = dict(cfg.model_args)
-    if spec.kind == "vector":
-        overrides.setdefault("in_features", cfg.image_size ** 2 * spec.in_channels)
+    overrides = _model_overrides(cfg, spec)
     if build_pretrained is not None:
         return build_pretrained(overrides)
-    try:
-        model = jaxnets.create_model(cfg.arch, num_classes=num_classes, seed=cfg.seed, **overrides)
-    except TypeError as e:
-        raise RunError(f"--model-arg: {e}") from None
+    model = _create_model(cfg, num_classes, overrides)
     if cfg.weights.lower() == "none":
         return model, "random init (--weights none)"
     state_dict, notes = _load_state_dict(cfg.weights)
@@ -366,19 +411,10 @@ def run(cfg) -> int:
     run_dir = cfg.output_dir
     _check_identity(run_dir, cfg)
 
+    check_input_size(cfg, spec, num_classes)
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
     parts, params, stats = steps_lib.split_model(model, spec.head)
     del model
-    x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
-    # Train mode too: Inception v3's auxiliary classifier needs larger inputs.
-    for train in (False,) if cfg.eval_only else (False, True):
-        try:
-            jax.eval_shape(lambda p, s, x: steps_lib.merge_model(parts, p, s, train=train)(x),
-                           params, stats, x)
-        except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
-            raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
-                           f"{' in training' if train else ''}: "
-                           f"{str(e).splitlines()[0][:300]}") from None
     try:
         groups = optim.param_groups(list(params), list(stats), model_or_class=parts.model_class,
                                     freeze=cfg.freeze, lr_mult=cfg.lr_mult,
