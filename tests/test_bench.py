@@ -77,32 +77,40 @@ def _assert_timed(rows, keys, count):
             assert len(r[key]) == count and all(math.isfinite(v) and v > 0 for v in r[key]), r
 
 
-def test_conv_ops_short_run(capsys):
+def test_conv_ops_short_run(capsys, monkeypatch):
     """bench.conv_ops in its smoke mode: every convolution and dense shape timed three
     ways, finite and positive."""
     from bench import conv_ops
 
-    rows = conv_ops.conv_rows(batch=1, size=8, repeat=1)
+    # The rows main() prints, as its row functions return them (one run of each: the
+    # compiles are most of this test's time).
+    made = {}
+    for name in ("conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows"):
+        def keep(*args, _fn=getattr(conv_ops, name), _name=name, **kwargs):
+            made[_name] = _fn(*args, **kwargs)
+            return made[_name]
+        monkeypatch.setattr(conv_ops, name, keep)
+    assert conv_ops.main(["--short"]) == 0
+    rows = made["conv_rows"]
     assert len(rows) == 10 and rows[0]["shape"] == "32x32 3->64 k7 s2"
     assert any("k1" in r["shape"] for r in rows) and any("k3 s2" in r["shape"] for r in rows)
     _assert_timed(rows, ("lax", "jaxnets", "torch"), 3)
     for r in rows:
         assert (r["row_dw"] is None) == (" k1 " in r["shape"]), r
         assert r["row_dw"] is None or (math.isfinite(r["row_dw"]) and r["row_dw"] > 0), r
-    bn = conv_ops.batchnorm_rows(batch=1, size=8, repeat=1)
+    bn = made["batchnorm_rows"]
     assert [r["shape"] for r in bn] == ["1x16x16x64", "1x8x8x256", "1x4x4x512", "1x2x2x1024"]
-    dense = conv_ops.dense_rows(batch=1, size=8, repeat=1)
+    dense = made["dense_rows"]
     assert [r["shape"] for r in dense] == ["1x5x768 -> 3072", "1x5x3072 -> 768",
                                            "1x5x768 -> 2304 (N, K)"]
     _assert_timed(dense, ("lax", "jaxnets", "torch"), 3)
-    (attention,) = conv_ops.attention_rows(batch=1, size=8, repeat=1)
+    (attention,) = made["attention_rows"]
     assert attention["shape"] == "1x5x12x64"
     _assert_timed([attention], ("jax.nn", "jaxnets", "torch"), 2)
-    pools = conv_ops.pool_rows(batch=1, size=8, repeat=1)
+    pools = made["pool_rows"]
     assert [r["shape"] for r in pools] == ["1x16x16x64 k3 s2 p1", "1x16x16x64 k3 s2 p0 ceil",
                                            "1x4x4x192 k3 s1 p1 ceil"]
     _assert_timed(pools, ("lax", "jaxnets", "torch"), 2)
-    assert conv_ops.main(["--short"]) == 0
     out = capsys.readouterr().out
     assert "max-pool" in out and "1x4x4x192 k3 s1 p1 ceil" in out
     assert "8x8 64->256 k1 s1" in out and "BatchNorm+ReLU gradient" in out
