@@ -11,7 +11,8 @@ matmul there; a larger kernel's weight gradient a 1-d convolution where there
 are enough output positions), and torch (channels-last, eager), plus that 1-d
 convolution weight gradient (``jaxnets.layers._conv_weight_grad``) on its own for
 every shape, and the output positions (batch x height x width) that decide
-whether ``conv2d`` takes it. Then a train-mode
+whether ``conv2d`` takes it; ResNeXt-50's grouped 3x3 convolutions the same three
+ways (without the 1-d column). Then a train-mode
 BatchNorm + ReLU gradient: autodiff of the plain formula, ``jaxnets.layers.BatchNorm``
 (a closed-form derivative rule) and torch. Medians in ms; the gradients include
 no forward pass on the jax side (XLA drops what the gradient does not need),
@@ -42,7 +43,7 @@ from bench import train_step
 from jaxnets.layers import (BatchNorm, _conv_weight_grad, _pool_pads, conv_general_dilated,
                             dot_general, dot_product_attention, max_pool2d)
 
-__all__ = ["conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows", "main"]
+__all__ = ["conv_rows", "grouped_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows", "main"]
 
 _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -118,6 +119,36 @@ def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> lis
             memory_format=torch.channels_last)
         row["torch"] = _torch_fwd_dx_dw(
             lambda a, b: torch.nn.functional.conv2d(a, b, stride=s, padding=p), tx, tw, tdy,
+            repeat)
+        rows.append(row)
+    return rows
+
+
+def grouped_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> list[dict]:
+    """ResNeXt-50 32x4d's grouped 3x3 convolutions, one per stage (32 groups, 4 to 32
+    channels per group), timed as ``conv_rows`` times its shapes."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(4):
+        side, c, groups = max(size >> i, 1), 128 << i, 32
+        x = jnp.asarray(rng.standard_normal((batch, side, side, c)), dtype)
+        w = jnp.asarray(rng.standard_normal((3, 3, c // groups, c)) * 0.05, dtype)
+        dy = jnp.asarray(rng.standard_normal((batch, side, side, c)), dtype)
+        row = {"shape": f"{side}x{side} {c}/{groups}g k3 s1"}
+        for name, conv in (("lax", jax.lax.conv_general_dilated),
+                           ("jaxnets", conv_general_dilated)):
+            row[name] = _jax_fwd_dx_dw(
+                lambda x, w, conv=conv: conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
+                                             feature_group_count=groups), x, w, dy, repeat)
+        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
+        tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy()).contiguous(
+            memory_format=torch.channels_last)
+        row["torch"] = _torch_fwd_dx_dw(
+            lambda a, b: torch.nn.functional.conv2d(a, b, padding=1, groups=groups), tx, tw, tdy,
             repeat)
         rows.append(row)
     return rows
@@ -293,6 +324,9 @@ def main(argv=None) -> int:
         row_dw = "-" if r["row_dw"] is None else f"{r['row_dw']:.1f}"
         print(f"{r['shape']:<26} {cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {row_dw:>8} "
               f"{r['positions']:>10}")
+    with jax.enable_x64(args.dtype == "float64"):
+        grouped = grouped_rows(args.batch, args.size, args.repeat, args.dtype)
+    _print_rows("grouped convolution", grouped, ("lax", "jaxnets", "torch"), "fwd/dx/dw")
     if args.dtype != "float32":
         return 0
     print(f"{'BatchNorm+ReLU gradient':<26} {'autodiff':>10} {'jaxnets':>10} {'torch':>10}")

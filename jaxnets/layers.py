@@ -255,19 +255,24 @@ def _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_typ
         preferred_element_type=preferred_element_type)
 
 
-def _conv_taps(x, w, strides, padding, dilation, precision, preferred_element_type):
-    """An NHWC x HWIO convolution of a one-channel input as the sum of its shifted
-    taps times the kernel's rows: one elementwise pass (accumulated in float32 at
-    least), for the shapes where XLA:CPU's convolution is slowest."""
-    kh, kw, _, _ = w.shape
+def _conv_taps(x, w, strides, padding, dilation, precision, preferred_element_type, groups=1):
+    """An NHWC x HWIO convolution with few input channels per group as the sum of its
+    shifted taps times the kernel's entries: one elementwise pass (accumulated in
+    float32 at least) over (batch, height, width, group, output), for the shapes where
+    XLA:CPU's convolution is slowest (a one-channel input; ResNeXt's 4 and 8 channels
+    per group)."""
+    kh, kw, cg, cout = w.shape
     (sh, sw), (dh, dw) = strides, dilation
     oh = _conv_out_len(x.shape[1], kh, sh, padding[0], dh)
     ow = _conv_out_len(x.shape[2], kw, sw, padding[1], dw)
     acc = jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0))).astype(acc)
-    wf = w.astype(acc)
-    y = sum(xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
-            * wf[i, j, 0] for i in range(kh) for j in range(kw))
+    xp = xp.reshape(*xp.shape[:3], groups, cg)
+    wk = w.astype(acc).reshape(kh, kw, cg, groups, cout // groups)
+    y = sum(xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw,
+               :, c:c + 1] * wk[i, j, c]
+            for i in range(kh) for j in range(kw) for c in range(cg))
+    y = y.reshape(x.shape[0], oh, ow, cout)
     # Stored, not fused into its consumers: XLA:CPU would recompute the taps' sum in
     # each (LeNet-5's max-pool and its gradient's mask: a slower step than lax's).
     return fusion_barrier(y.astype(preferred_element_type or jnp.promote_types(x.dtype, w.dtype)),
@@ -326,26 +331,45 @@ def _conv_row_grad_jvp(strides, padding, dilation, precision, pet, primals, tang
 _conv_row_grad.defjvp(_conv_row_grad_jvp, symbolic_zeros=True)
 
 
+# A grouped convolution's forward pass is ``_conv_taps``' up to this many input channels
+# per group and kernel taps times channels per group, lax's above. One process, median of
+# 7, ms, 3x3, 32 groups, batch 8, lax / taps: 56x56, 128 channels (4 per group) 74.5 / 7.0;
+# 28x28, 256 (8) 18.8 / 6.0 (16.7 / 6.8 in a second run); 14x14, 512 (16) 7.3 / 133.1;
+# 56x56, 256 in 64 groups (4) 153.2 / 15.2.
+_TAPS_CHANNELS_PER_GROUP = 8
+_TAPS_TERMS = 72
+
+
+def _grouped_forward(x, w, strides, padding, dilation, groups, precision, pet):
+    kh, kw, cg, _ = w.shape
+    if cg <= _TAPS_CHANNELS_PER_GROUP and kh * kw * cg <= _TAPS_TERMS:
+        return _conv_taps(x, w, strides, padding, dilation, precision, pet, groups)
+    return _lax_conv(x, w, strides, padding, dilation, precision, pet, groups)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
 def _grouped_conv(x, w, strides, padding, dilation, groups, precision, preferred_element_type):
-    """A grouped convolution: lax's forward pass, the derivatives of the convolution by
-    patches (``_conv_by_patches``).
+    """A grouped convolution: lax's forward pass (with few channels per group
+    ``_conv_taps``'), the derivatives of the convolution by patches
+    (``_conv_by_patches``).
 
     XLA:CPU computes a grouped convolution's kernel gradient 40-90x slower than the
     transpose of the patches' einsum (ResNeXt-50's 3x3, 128 channels in 32 groups,
     56x56, batch 8: 7070 ms against 96; its train step took 54 s against torch's 1.4)
     and its input gradient 1-5x slower (61 against 23 ms), while its forward pass is
-    3-7x faster than the patches' (61 against 201 ms). The JVP rule's tangent is the
+    2-4x faster than the patches' (74.5 against 37.8 ms) and 3-10x slower than the taps'
+    with 4 or 8 channels per group (``_TAPS_CHANNELS_PER_GROUP``; the taps' own
+    gradients are slower than the patches'). The JVP rule's tangent is the
     patches' (each term skipped for a symbolic zero), so reverse mode transposes that;
     the input it reads for the kernel's term is stored (``fusion_barrier``).
     """
-    return _lax_conv(x, w, strides, padding, dilation, precision, preferred_element_type,
-                     groups)
+    return _grouped_forward(x, w, strides, padding, dilation, groups, precision,
+                            preferred_element_type)
 
 
 def _grouped_conv_jvp(strides, padding, dilation, groups, precision, pet, primals, tangents):
     (x, w), (tx, tw) = primals, tangents
-    y = _lax_conv(x, w, strides, padding, dilation, precision, pet, groups)
+    y = _grouped_forward(x, w, strides, padding, dilation, groups, precision, pet)
     zero = jax.custom_derivatives.SymbolicZero
     terms = []
     if type(tx) is not zero:
@@ -442,47 +466,60 @@ def _channels_major(v: jax.Array, anchor: jax.Array | None) -> jax.Array:
     return jnp.transpose(t.reshape(b, w, c, m), (0, 2, 1, 3))
 
 
-def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
-                     preferred_element_type):
-    """An NHWC x HWIO convolution as input slices (one per kernel tap) and one matmul
-    (an einsum over the feature groups when there are several)."""
-    n, h, wd, c = x.shape
-    kh, kw, cin_g, cout = w.shape
+def _patches(v, kh, kw, strides, dilation, oh, ow):
+    """``(..., h, w, c) -> (..., oh, ow, kh * kw * c)``: the (padded) input under each
+    output position, in the HWIO kernel's (row, column, channel) order."""
     (sh, sw), (dh, dw) = strides, dilation
-    (pt, pb), (pl, pr) = padding
-    oh = _conv_out_len(h, kh, sh, (pt, pb), dh)
-    ow = _conv_out_len(wd, kw, sw, (pl, pr), dw)
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if pt or pb or pl or pr else x
+    *lead, _, _, c = v.shape
     if (kh, kw, sh, sw) == (1, 1, 1, 1):
-        taps = [xp]  # a 1x1 kernel at stride 1 reads every position: no slice
-    elif (sh, sw, dh, dw) == (kh, kw, 1, 1):
+        return v  # a 1x1 kernel at stride 1 reads every position: no slice
+    if (sh, sw, dh, dw) == (kh, kw, 1, 1):
         # Non-overlapping patches (ViT's patch embedding: 16x16 or 32x32 at the same
         # stride): one reshape and transpose instead of kh * kw slices, which made a
         # float64 gradient run op by op compile ~1,000 slices (vit_b_32's parity: 60 s
         # against 18) and a jit-compiled step carry as many ops.
-        p = xp[:, :oh * kh, :ow * kw].reshape(n, oh, kh, ow, kw, c)
-        taps = [p.transpose(0, 1, 3, 2, 4, 5).reshape(n, oh, ow, kh * kw * c)]
-    else:
-        taps = [xp[:, i * dh:i * dh + (oh - 1) * sh + 1:sh,
-                   j * dw:j * dw + (ow - 1) * sw + 1:sw]
-                for i in range(kh) for j in range(kw)]
+        p = v[..., :oh * kh, :ow * kw, :].reshape(*lead, oh, kh, ow, kw, c)
+        m = len(lead)
+        p = p.transpose(*range(m), m, m + 2, m + 1, m + 3, m + 4)
+        return p.reshape(*lead, oh, ow, kh * kw * c)
+    taps = [v[..., i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(taps, axis=-1)
+
+
+def _conv_by_patches(x, w, strides, padding, dilation, groups, precision,
+                     preferred_element_type):
+    """An NHWC x HWIO convolution as input slices (one per kernel tap) and one matmul
+    (batched over the feature groups when there are several)."""
+    n, h, wd, c = x.shape
+    kh, kw, cin_g, cout = w.shape
+    (pt, pb), (pl, pr) = padding
+    oh = _conv_out_len(h, kh, strides[0], (pt, pb), dilation[0])
+    ow = _conv_out_len(wd, kw, strides[1], (pl, pr), dilation[1])
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if pt or pb or pl or pr else x
     if groups == 1:
         # One matmul over (tap, channel), laid out as the HWIO kernel's rows: no
-        # transposes around it (the einsum below moves its unit axes around with a
-        # transpose and a copy each way, ~8 per 1x1 convolution of a gradient program).
+        # transposes around it (an einsum moved its unit axes around with a transpose
+        # and a copy each way, ~8 per 1x1 convolution of a gradient program).
         # ``dot_general`` merges (batch, height, width) into one axis, so the kernel
         # gradient is a 2-d matmul too (lax's 4-d dot had XLA:CPU copy the output
         # gradient transposed first).
-        patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=3)
-        return dot_general(patches, w.reshape(kh * kw * cin_g, cout),
-                           (((3,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=preferred_element_type)
-    patches = (taps[0] if len(taps) == 1 else jnp.stack(taps, axis=3)).reshape(
-        n, oh, ow, kh * kw, groups, cin_g)
-    kernel = w.reshape(kh * kw, cin_g, groups, cout // groups)
-    y = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, precision=precision,
-                   preferred_element_type=preferred_element_type)
-    return y.reshape(n, oh, ow, cout)
+        return dot_general(_patches(xp, kh, kw, strides, dilation, oh, ow),
+                           w.reshape(kh * kw * cin_g, cout), (((3,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=preferred_element_type)
+    # Groups first: the input is moved to (group, n, h, w, channel) once and the patches
+    # are made in the layout of the matmul batched over the groups, (group, positions,
+    # taps x channels); made NHWC, the kh * kw times larger patches were copied again
+    # into that layout, and their gradient back (ResNeXt-50: a quarter of the step).
+    og = cout // groups
+    xg = xp.reshape(n, *xp.shape[1:3], groups, cin_g).transpose(3, 0, 1, 2, 4)
+    patches = _patches(xg, kh, kw, strides, dilation, oh, ow).reshape(
+        groups, n * oh * ow, kh * kw * cin_g)
+    kernel = w.reshape(kh * kw, cin_g, groups, og).transpose(2, 0, 1, 3).reshape(
+        groups, kh * kw * cin_g, og)
+    y = jax.lax.dot_general(patches, kernel, (((2,), (1,)), ((0,), (0,))), precision=precision,
+                            preferred_element_type=preferred_element_type)
+    return y.reshape(groups, n, oh, ow, og).transpose(1, 2, 3, 0, 4).reshape(n, oh, ow, cout)
 
 
 def conv2d(

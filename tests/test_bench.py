@@ -85,7 +85,8 @@ def test_conv_ops_short_run(capsys, monkeypatch):
     # The rows main() prints, as its row functions return them (one run of each: the
     # compiles are most of this test's time).
     made = {}
-    for name in ("conv_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows"):
+    for name in ("conv_rows", "grouped_rows", "batchnorm_rows", "dense_rows", "attention_rows",
+                 "pool_rows"):
         def keep(*args, _fn=getattr(conv_ops, name), _name=name, **kwargs):
             made[_name] = _fn(*args, **kwargs)
             return made[_name]
@@ -98,6 +99,10 @@ def test_conv_ops_short_run(capsys, monkeypatch):
     for r in rows:
         assert (r["row_dw"] is None) == (" k1 " in r["shape"]), r
         assert r["row_dw"] is None or (math.isfinite(r["row_dw"]) and r["row_dw"] > 0), r
+    grouped = made["grouped_rows"]
+    assert [r["shape"] for r in grouped] == ["8x8 128/32g k3 s1", "4x4 256/32g k3 s1",
+                                             "2x2 512/32g k3 s1", "1x1 1024/32g k3 s1"]
+    _assert_timed(grouped, ("lax", "jaxnets", "torch"), 3)
     bn = made["batchnorm_rows"]
     assert [r["shape"] for r in bn] == ["1x16x16x64", "1x8x8x256", "1x4x4x512", "1x2x2x1024"]
     dense = made["dense_rows"]
@@ -118,6 +123,7 @@ def test_conv_ops_short_run(capsys, monkeypatch):
     assert conv_ops.main(["--short", "--dtype", "float64"]) == 0  # parity's gradient dtype
     out = capsys.readouterr().out
     assert "float64" in out and "8x8 64->64 k3 s1" in out and "BatchNorm" not in out
+    assert "grouped convolution" in out and "2x2 512/32g k3 s1" in out
     assert "dense layer" not in out
     assert not jax.config.jax_enable_x64  # switched on for the run only
     try:
