@@ -78,6 +78,20 @@ def _torch_fwd_dx_dw(op, tx, tw, tdy, repeat: int) -> list[float]:
             _median_ms(t_grad, tw, repeat=repeat)]
 
 
+def _torch_conv_fwd_dx_dw(x, w, dy, repeat: int, **conv_args) -> list[float]:
+    """``_torch_fwd_dx_dw`` of torch's ``conv2d`` on the NHWC / HWIO arrays' values
+    (channels-last tensors)."""
+    import torch
+
+    def nchw(v):
+        return torch.from_numpy(np.asarray(v).transpose(0, 3, 1, 2).copy()).contiguous(
+            memory_format=torch.channels_last)
+
+    tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    return _torch_fwd_dx_dw(lambda a, b: torch.nn.functional.conv2d(a, b, **conv_args),
+                            nchw(x).requires_grad_(), tw, nchw(dy), repeat)
+
+
 def _shapes(size: int):
     """(map side, in, out, kernel, stride, padding): ResNet-50's convolutions by stage
     (the stem, then a 1x1 / 3x3 / strided 3x3 of each kind)."""
@@ -91,8 +105,6 @@ def _shapes(size: int):
 def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> list[dict]:
     """Timings of each convolution shape (see the module docstring), in ``dtype``
     ("float64" needs ``jax.enable_x64``)."""
-    import torch
-
     rng = np.random.default_rng(0)
     rows = []
     for side, cin, cout, k, s, p in _shapes(size):
@@ -112,14 +124,7 @@ def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> lis
             lambda x, dy: _conv_weight_grad(x, dy, w, (s, s), ((p, p), (p, p)), (1, 1),
                                             None, None)), x, dy, repeat=repeat))
         row["positions"] = batch * out * out
-        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
-            memory_format=torch.channels_last).requires_grad_()
-        tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
-        tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy()).contiguous(
-            memory_format=torch.channels_last)
-        row["torch"] = _torch_fwd_dx_dw(
-            lambda a, b: torch.nn.functional.conv2d(a, b, stride=s, padding=p), tx, tw, tdy,
-            repeat)
+        row["torch"] = _torch_conv_fwd_dx_dw(x, w, dy, repeat, stride=s, padding=p)
         rows.append(row)
     return rows
 
@@ -127,8 +132,6 @@ def conv_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> lis
 def grouped_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> list[dict]:
     """ResNeXt-50 32x4d's grouped 3x3 convolutions, one per stage (32 groups, 4 to 32
     channels per group), timed as ``conv_rows`` times its shapes."""
-    import torch
-
     rng = np.random.default_rng(1)
     rows = []
     for i in range(4):
@@ -142,14 +145,7 @@ def grouped_rows(batch: int, size: int, repeat: int, dtype: str = "float32") -> 
             row[name] = _jax_fwd_dx_dw(
                 lambda x, w, conv=conv: conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
                                              feature_group_count=groups), x, w, dy, repeat)
-        tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).contiguous(
-            memory_format=torch.channels_last).requires_grad_()
-        tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_()
-        tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy()).contiguous(
-            memory_format=torch.channels_last)
-        row["torch"] = _torch_fwd_dx_dw(
-            lambda a, b: torch.nn.functional.conv2d(a, b, padding=1, groups=groups), tx, tw, tdy,
-            repeat)
+        row["torch"] = _torch_conv_fwd_dx_dw(x, w, dy, repeat, padding=1, groups=groups)
         rows.append(row)
     return rows
 
