@@ -147,12 +147,19 @@ def _create_model(cfg, num_classes: int, overrides: dict):
         raise RunError(f"--model-arg: {e}") from None
 
 
-def check_input_size(cfg, spec, num_classes: int) -> None:
+def check_input_size(cfg, spec, num_classes: int, weights_meta=None) -> None:
     """Fails fast when the model cannot take ``--image-size`` images.
 
     Traced on a model built without values (``nnx.eval_shape``), in eval mode and, for
     a training run, in train mode (Inception v3's auxiliary classifier needs larger
     inputs): before any weights are read, downloaded or initialised.
+
+    Args:
+        cfg: Resolved config.
+        spec: The model's spec.
+        num_classes: The dataset's class count.
+        weights_meta: Named pretrained weights' metadata: the model is built with their
+            constructor options too, as ``porting.pretrained.load_torchvision`` builds it.
 
     Raises:
         RunError: Naming the size and the model's own error.
@@ -160,7 +167,7 @@ def check_input_size(cfg, spec, num_classes: int) -> None:
     import jax
     from flax import nnx
 
-    overrides = _model_overrides(cfg, spec)
+    overrides = {**getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)}
     graphdef, state = nnx.split(nnx.eval_shape(lambda: _create_model(cfg, num_classes,
                                                                      overrides)))
     x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
@@ -411,7 +418,7 @@ def run(cfg) -> int:
     run_dir = cfg.output_dir
     _check_identity(run_dir, cfg)
 
-    check_input_size(cfg, spec, num_classes)
+    check_input_size(cfg, spec, num_classes, weights_meta)
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
     parts, params, stats = steps_lib.split_model(model, spec.head)
     del model
