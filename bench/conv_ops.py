@@ -43,7 +43,8 @@ from bench import train_step
 from jaxnets.layers import (BatchNorm, _conv_weight_grad, _pool_pads, conv_general_dilated,
                             dot_general, dot_product_attention, max_pool2d)
 
-__all__ = ["conv_rows", "grouped_rows", "batchnorm_rows", "dense_rows", "attention_rows", "pool_rows", "main"]
+__all__ = ["conv_rows", "grouped_rows", "batchnorm_rows", "dense_rows", "attention_rows",
+           "pool_rows", "main"]
 
 _DN = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
