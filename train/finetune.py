@@ -374,6 +374,7 @@ def run(cfg) -> int:
     import jax
 
     import jaxnets
+    from jaxnets import compile_cache
     from train import checkpoint as ckpt_lib
     from train import config as config_lib
     from train import distributed
@@ -382,6 +383,10 @@ def run(cfg) -> int:
     from train.metrics import MetricsLog
 
     started = time.time()
+    try:  # before the first compilation
+        compile_cache.enable(cfg.compile_cache)
+    except compile_cache.CompileCacheError as e:
+        raise RunError(f"--compile-cache: {e}") from None
     # Joining the job must come before anything touches a device.
     try:
         distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
@@ -609,11 +614,24 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_lib.parse_args(argv)
     user_errors = _user_errors()
     try:
-        return run(cfg)
+        status = run(cfg)
     except user_errors as e:
         message = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if status == 0:
+        _report_compile_cache()
+    return status
+
+
+def _report_compile_cache() -> None:
+    """The compilation cache's line (process 0, stderr), when the cache was on."""
+    from jaxnets import compile_cache
+    from train import distributed
+
+    line = compile_cache.summary()
+    if line:
+        distributed.print0(line, file=sys.stderr)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -75,6 +75,8 @@ class Config:
       seed: seed for the weights, the training data and the evaluation set.
       out: run directory for the checkpoint and config (empty: do not save).
       progress: show a progress bar.
+      compile_cache: directory of the XLA compilation cache, ``off``, or None for
+        the default (``jaxnets.compile_cache``).
     """
 
     task: str = "reverse"
@@ -96,6 +98,7 @@ class Config:
     seed: int = 0
     out: str = "runs/seq2seq"
     progress: bool = True
+    compile_cache: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -473,6 +476,9 @@ _HELP = {
     "seed": "seed of the weights, the training stream and the evaluation set",
     "out": "run directory for the Orbax checkpoint and config.json ('' to skip saving)",
     "progress": "show a progress bar (--no-progress hides it)",
+    "compile_cache": "keep compiled XLA programs in this directory and read them back on "
+                     "later runs; 'off' compiles afresh (auto: $JAXNETS_COMPILE_CACHE, else "
+                     "xla/ in $JAXNETS_CACHE or ~/.cache/jaxnets; jaxnets/compile_cache.py)",
 }
 
 
@@ -494,7 +500,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=_HELP[field.name])
             continue
-        kind = {"int": int, "float": float, "str": str}[field.type]
+        kind = {"int": int, "float": float, "str": str, "str | None": str}[field.type]
         parser.add_argument(flag, type=kind, default=field.default,
                             choices=TASKS if field.name == "task" else None,
                             help=_HELP[field.name] + " (default: %(default)s)")
@@ -518,6 +524,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     config = parse_args(argv)
+    from jaxnets import compile_cache
+
+    try:  # before the first compilation
+        compile_cache.enable(config.compile_cache)
+    except compile_cache.CompileCacheError as e:
+        print(f"error: --compile-cache: {e}", file=sys.stderr)
+        return 2
     try:
         result = train(config)
     except OSError as e:
@@ -529,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result.loss:.4f}, token accuracy {result.token_accuracy:.4f}")
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint}")
+    if line := compile_cache.summary():
+        print(line, file=sys.stderr)
     return 0
 
 
