@@ -3,11 +3,11 @@
 Each run of a program compiles the same XLA programs again: the model's
 initialisers (eagerly, one program per parameter shape: GoogLeNet has 49, each
 ~0.3 s to compile on the development machine's 2 CPU cores, as ``JAX_LOG_COMPILES=1``
-shows), the train and eval
-steps. For a short run that is most of its time. ``python -m train.finetune --arch
-googlenet --dataset digits --weights none --steps 1 --batch-size 16`` took 50.5 s
-wall the first time and 14.6 s the second, which read all 177 programs back from the
-cache (the same validation figures); LeNet-5 (``--steps 2``) 12.5 and 6.0 s.
+shows), the train and eval steps. For a short run that is most of its time.
+``python -m train.finetune --arch googlenet --dataset digits --weights none --steps 1
+--batch-size 16`` took 50.5 s wall the first time and 14.6 s the second, which read
+all 177 programs back from the cache (the same validation figures); LeNet-5
+(``--steps 2``) 12.5 and 6.0 s.
 
 :func:`enable` turns the cache on. The training programs (``python -m
 train.finetune``, ``train.seq2seq``) call it before their first compilation, with
