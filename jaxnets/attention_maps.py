@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnets import compile_cache
 from jaxnets.vit import VIT_VARIANTS, VisionTransformer
 
 __all__ = ["attention_weights", "attention_rollout", "class_token_attention", "main",
@@ -192,6 +193,7 @@ def _parse(argv):
                    help="how the rollout fuses heads (default mean)")
     p.add_argument("--discard-ratio", type=float, default=0.0,
                    help="fraction of the weakest attention discarded in the rollout")
+    compile_cache.add_flag(p)
     return p.parse_args(argv)
 
 
@@ -363,6 +365,10 @@ def _run(args) -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise _CliError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    try:  # before the first compilation
+        compile_cache.enable(args.compile_cache)
+    except compile_cache.CompileCacheError as e:
+        raise _CliError(f"--compile-cache: {e}") from None
     raw = _read_image(path)
     _check_arch(args.arch, args.layer)
     model, transforms = _load_model(args.arch, args.weights)
@@ -384,6 +390,8 @@ def _run(args) -> None:
     _draw(args.out, shown, heads, layer, rollout, caption)
     print(f"wrote {args.out}: {len(heads)} heads of layer {layer}"
           + (" and the rollout over all layers" if rollout is not None else ""))
+    if line := compile_cache.summary():
+        print(line, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,13 +9,13 @@ shows), the train and eval steps. For a short run that is most of its time.
 all 177 programs back from the cache (the same validation figures); LeNet-5
 (``--steps 2``) 12.5 and 6.0 s.
 
-:func:`enable` turns the cache on. The training programs (``python -m
-train.finetune``, ``train.seq2seq``) call it before their first compilation, with
-their ``--compile-cache`` flag: a directory, or ``off``; by default
+:func:`enable` turns the cache on. The programs (``python -m train.finetune``,
+``train.seq2seq``, ``porting.verify``, ``jaxnets.attention``) call it before their
+first compilation, with their ``--compile-cache`` flag: a directory, or ``off``; by default
 ``$JAXNETS_COMPILE_CACHE``, else ``xla`` in jaxnets' cache folder (``$JAXNETS_CACHE``,
 ``$XDG_CACHE_HOME/jaxnets`` or ``~/.cache/jaxnets``, as for converted weights).
 A cache directory already given to jax (``JAX_COMPILATION_CACHE_DIR``) is kept as it
-is. Every program is written, however short its compile (jax's default skips those
+is, with jax's settings. In the one chosen here, every program is written, however short its compile (jax's default skips those
 under a second, which is each of the initialisers above, 0.3 s apiece, and most
 steps of small models), and the directory is held under :data:`MAX_BYTES` by jax's
 least-recently-used eviction.
@@ -49,6 +49,17 @@ _at_enable = dict(_counts)
 
 class CompileCacheError(ValueError):
     """A compilation cache directory that cannot be used."""
+
+
+FLAG_HELP = ("keep compiled XLA programs in DIR and read them back on later runs "
+             "(jaxnets/compile_cache.py); 'off' compiles afresh (auto: $JAXNETS_COMPILE_CACHE, "
+             "else xla/ in $JAXNETS_CACHE or ~/.cache/jaxnets; a JAX_COMPILATION_CACHE_DIR "
+             "already set is used as it is)")
+
+
+def add_flag(parser) -> None:
+    """Adds the programs' ``--compile-cache DIR|off`` option to an argparse parser or group."""
+    parser.add_argument("--compile-cache", default=None, metavar="DIR|off", help=FLAG_HELP)
 
 
 def default_dir() -> str:
@@ -104,9 +115,12 @@ def enable(setting: str | None = None) -> str | None:
     """Turns on jax's persistent compilation cache; call before the first compilation.
 
     With ``setting`` None, a directory already set for jax (``jax_compilation_cache_dir``,
-    e.g. from ``JAX_COMPILATION_CACHE_DIR``) is kept; a ``setting`` given replaces it
-    (``"off"`` turns jax's cache off). jax's own environment variables for the
-    minimum compile time and the size limit are left to rule.
+    e.g. from ``JAX_COMPILATION_CACHE_DIR``) is kept, with jax's settings as they are;
+    a ``setting`` given replaces it (``"off"`` turns jax's cache off). In a directory
+    this chooses, every program is written and the size is held under
+    :data:`MAX_BYTES`, unless jax's environment variables for the minimum compile time
+    (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) or the size
+    (``JAX_COMPILATION_CACHE_MAX_SIZE``) say otherwise.
 
     Args:
       setting: as for :func:`resolve`.
@@ -125,6 +139,9 @@ def enable(setting: str | None = None) -> str | None:
 
     current = jax.config.jax_compilation_cache_dir
     if setting is None and current:
+        # jax's cache as its user set it up, limits included: eviction switched on in
+        # one of several processes sharing a folder fails on the entries the others
+        # wrote (no access-time files; seen with the test suite's shared folder).
         path = current
     else:
         asked = setting is not None or bool(os.environ.get(ENV_VAR))
@@ -155,13 +172,13 @@ def enable(setting: str | None = None) -> str | None:
             # jax decides at its first compilation whether and where to cache; an
             # earlier compilation in this process would keep the old answer.
             compilation_cache.reset_cache()
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        import importlib.util
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+            import importlib.util
 
-        if importlib.util.find_spec("filelock") is not None:  # jax needs it to evict
-            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+            if importlib.util.find_spec("filelock") is not None:  # jax needs it to evict
+                jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     _listen()
     _enabled_dir, _at_enable = path, stats(since_enable=False)
     return path

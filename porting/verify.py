@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from jaxnets import compile_cache
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cpu-detours", dest="cpu_detours", action="store_false",
                    help="on CPU, compute the jax side as a GPU or TPU runs it (XLA's own "
                         "convolutions, pools and attention), not in jaxnets' faster CPU forms")
+    compile_cache.add_flag(p)
     return p
 
 
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch  # noqa: F401
     except ImportError:
         return _fail("porting.verify needs torch and torchvision: pip install 'jaxnets[torch]'")
+    try:  # before the first compilation
+        compile_cache.enable(args.compile_cache)
+    except compile_cache.CompileCacheError as e:
+        return _fail(f"--compile-cache: {e}")
     from porting.parity import run_parity
     from porting.state_dict import PortingError
 
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(result.table())
     verdict = "PASS" if result.passed else "FAIL"
     print(f"{verdict}: {args.arch} jaxnets vs torch ({dt:.1f}s)")
+    if line := compile_cache.summary():
+        print(line, file=sys.stderr)
     return 0 if result.passed else 1
 
 

@@ -105,6 +105,8 @@ def test_off_turns_a_cache_jax_was_given_off(tmp_path):
 
 
 def test_the_programs_name_an_unusable_directory_in_one_line(tmp_path, capsys):
+    from jaxnets import attention_maps
+    from porting import verify
     from train import finetune, seq2seq
 
     blocker = tmp_path / "file"
@@ -113,7 +115,9 @@ def test_the_programs_name_an_unusable_directory_in_one_line(tmp_path, capsys):
     assert finetune.main(["--arch", "lenet5", "--dataset", "digits", "--weights", "none",
                           "--compile-cache", bad, "--output-dir", str(tmp_path / "run")]) == 2
     assert seq2seq.main(["--steps", "1", "--compile-cache", bad, "--out", ""]) == 2
+    assert verify.main(["--arch", "lenet5", "--compile-cache", bad]) == 2
+    assert attention_maps.main(["--out", str(tmp_path / "a.png"), "--compile-cache", bad]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith(f"error: --compile-cache: compilation cache "
+    assert len(err) == 4 and all(line.startswith(f"error: --compile-cache: compilation cache "
                                                  f"{bad}: ") for line in err), err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "a.png").exists()

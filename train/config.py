@@ -157,6 +157,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser; ``--help`` documents every option."""
+    from jaxnets import compile_cache
+
     p = _Parser(
         prog="python -m train.finetune",
         description="Fine-tune (or train from scratch) a jaxnets image classifier. Rerunning the "
@@ -268,12 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="compute precision of the steps: bf16 runs forward/backward in bfloat16 "
                         "while parameters, optimizer state and BatchNorm statistics stay float32")
-    g.add_argument("--compile-cache", default=None, metavar="DIR|off",
-                   help="keep compiled XLA programs in DIR and read them back on later runs "
-                        "(jaxnets/compile_cache.py); 'off' compiles afresh (auto: "
-                        "$JAXNETS_COMPILE_CACHE, else xla/ in $JAXNETS_CACHE or "
-                        "~/.cache/jaxnets; a JAX_COMPILATION_CACHE_DIR already set is used "
-                        "as it is)")
+    compile_cache.add_flag(g)
 
     g = p.add_argument_group("multi-host (data parallel over all devices of all processes)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",

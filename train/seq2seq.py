@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxnets import compile_cache
 from jaxnets.layers import linear
 from jaxnets.transformer import Transformer, generate_square_subsequent_mask
 
@@ -476,9 +477,7 @@ _HELP = {
     "seed": "seed of the weights, the training stream and the evaluation set",
     "out": "run directory for the Orbax checkpoint and config.json ('' to skip saving)",
     "progress": "show a progress bar (--no-progress hides it)",
-    "compile_cache": "keep compiled XLA programs in this directory and read them back on "
-                     "later runs; 'off' compiles afresh (auto: $JAXNETS_COMPILE_CACHE, else "
-                     "xla/ in $JAXNETS_CACHE or ~/.cache/jaxnets; jaxnets/compile_cache.py)",
+    "compile_cache": compile_cache.FLAG_HELP,
 }
 
 
@@ -524,8 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     config = parse_args(argv)
-    from jaxnets import compile_cache
-
     try:  # before the first compilation
         compile_cache.enable(config.compile_cache)
     except compile_cache.CompileCacheError as e:
