@@ -26,6 +26,11 @@ directory is trusted: whoever can write to it can make the programs run code, so
 not point it at a directory others can write. In a multi-process run only process 0
 writes entries (jax's rule); the other processes read what they find in theirs, so a
 directory on a file system every host mounts gives every host the hits.
+
+An entry jax cannot read (truncated: a process killed while writing it, a full disk)
+costs a warning naming the program and a fresh compile, with the same results; jax
+never replaces an entry it finds, so the warning comes back each run until the
+directory is deleted.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ OFF = "off"
 MAX_BYTES = 2 << 30
 
 _lock = threading.Lock()
-_counts = {"hits": 0, "misses": 0}
+_counts = {"lookups": 0, "hits": 0}
 _listening = False
 _enabled_dir: str | None = None
 _at_enable = dict(_counts)
@@ -92,7 +97,7 @@ def resolve(setting: str | None = None) -> str | None:
 
 
 def _listen() -> None:
-    """Counts the cache's hits and misses (``jax.monitoring`` events)."""
+    """Counts the cache's lookups and hits (``jax.monitoring`` events)."""
     global _listening
     import jax
 
@@ -102,8 +107,8 @@ def _listen() -> None:
         _listening = True
 
     def on_event(event: str, **kwargs) -> None:
-        key = {"/jax/compilation_cache/cache_hits": "hits",
-               "/jax/compilation_cache/cache_misses": "misses"}.get(event)
+        key = {"/jax/compilation_cache/compile_requests_use_cache": "lookups",
+               "/jax/compilation_cache/cache_hits": "hits"}.get(event)
         if key:
             with _lock:
                 _counts[key] += 1
@@ -185,7 +190,7 @@ def enable(setting: str | None = None) -> str | None:
 
 
 def stats(since_enable: bool = True) -> dict[str, int]:
-    """Programs read back from the cache (hits) and compiled (misses): since the last
+    """Programs looked up in the cache and read back from it: since the last
     :func:`enable`, or in this whole process."""
     with _lock:
         counts = dict(_counts)
@@ -200,5 +205,4 @@ def summary() -> str | None:
     if _enabled_dir is None:
         return None
     s = stats()
-    return (f"compilation cache {_enabled_dir}: {s['hits']} of {s['hits'] + s['misses']} "
-            "programs read back")
+    return f"compilation cache {_enabled_dir}: {s['hits']} of {s['lookups']} programs read back"
