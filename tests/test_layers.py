@@ -611,10 +611,11 @@ def test_grouped_conv_matches_lax_in_every_mode(stride, channels, groups):
     """A grouped convolution (ResNeXt's 3x3) on CPU: lax's forward pass, or the taps'
     with few channels per group (4 here; 16 in the last case), with the derivatives of
     the convolution by patches (XLA:CPU's grouped kernel gradient took ResNeXt-50's
-    train step to 54 s against torch's 1.4). Value, gradients, forward mode,
-    per-example gradients under vmap and a second derivative agree with lax's; the
-    gradient program holds one convolution (lax's forward pass) or none (the taps'),
-    in float32 and float64."""
+    train step to 54 s against torch's 1.4), the input's by taps at stride 1 with few
+    output channels per group. Value, gradients, forward mode, per-example gradients
+    under vmap and a second derivative agree with lax's; the gradient program holds one
+    convolution (lax's forward pass) or none (the taps'), in float32 and float64, and
+    the input gradient no matmul where it is the taps'."""
     from jaxnets import layers
 
     rng = np.random.default_rng(8)
@@ -642,6 +643,19 @@ def test_grouped_conv_matches_lax_in_every_mode(stride, channels, groups):
     assert (convs((0, 1)), convs(0), convs(1)) == (want, want, want)
     with jax.enable_x64(True):
         assert convs((0, 1), x.astype(jnp.float64), w.astype(jnp.float64)) == want
+
+    from jax.extend import core as jex_core
+
+    def dots(jaxpr):  # dot_generals, sub-programs included (jnp.einsum nests one)
+        subs = [v for e in jaxpr.eqns for v in e.params.values()
+                if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))]
+        return (sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+                + sum(dots(getattr(v, "jaxpr", v)) for v in subs))
+
+    # The input gradient: by taps (elementwise, no matmul) at stride 1 with up to 4
+    # output channels per group (2 here), else the patches' matmul.
+    by_taps = stride == 1 and kernel[3] // groups <= layers._TAPS_INPUT_GRAD_CHANNELS_PER_GROUP
+    assert (dots(jax.make_jaxpr(jax.grad(loss(ours), 0))(x, w).jaxpr) == 0) == by_taps
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU route's compiled program")
