@@ -502,6 +502,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         kind = {"int": int, "float": float, "str": str, "str | None": str}[field.type]
         parser.add_argument(flag, type=kind, default=field.default,
                             choices=TASKS if field.name == "task" else None,
+                            metavar="DIR|off" if field.name == "compile_cache" else None,
                             help=_HELP[field.name] + " (default: %(default)s)")
     ns = parser.parse_args(argv)
     try:
