@@ -171,6 +171,7 @@ def enable(setting: str | None = None) -> str | None:
 
                 warnings.warn(f"no compilation cache ({path}: {reason}); programs are "
                               "compiled afresh each run", stacklevel=2)
+                _enabled_dir = None
                 return None
         if path != current:
             jax.config.update("jax_compilation_cache_dir", path)
