@@ -67,12 +67,18 @@ def add_flag(parser) -> None:
     parser.add_argument("--compile-cache", default=None, metavar="DIR|off", help=FLAG_HELP)
 
 
-def default_dir() -> str:
-    """``xla`` in jaxnets' cache folder (the converted weights' too, ``porting.pretrained``):
-    ``$JAXNETS_CACHE``, else ``$XDG_CACHE_HOME/jaxnets``, else ``~/.cache/jaxnets``."""
+def cache_root() -> str:
+    """jaxnets' cache folder, for the compiled programs here and the converted weights
+    (``porting.pretrained``): ``$JAXNETS_CACHE``, else ``$XDG_CACHE_HOME/jaxnets``, else
+    ``~/.cache/jaxnets``."""
     base = os.environ.get("JAXNETS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "jaxnets")
-    return os.path.join(os.path.expanduser(base), "xla")
+    return os.path.expanduser(base)
+
+
+def default_dir() -> str:
+    """``xla`` in :func:`cache_root`."""
+    return os.path.join(cache_root(), "xla")
 
 
 def resolve(setting: str | None = None) -> str | None:

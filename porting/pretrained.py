@@ -273,11 +273,9 @@ def converted_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
       ``cache_dir``, else ``$JAXNETS_CACHE``, else ``$XDG_CACHE_HOME/jaxnets``,
       else ``~/.cache/jaxnets``.
     """
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.getenv("JAXNETS_CACHE"):
-        return Path(os.path.expanduser(os.environ["JAXNETS_CACHE"]))
-    return Path(os.path.expanduser(os.getenv("XDG_CACHE_HOME", "~/.cache"))) / "jaxnets"
+    from jaxnets.compile_cache import cache_root
+
+    return Path(cache_dir) if cache_dir is not None else Path(cache_root())
 
 
 def is_converted(path: str | os.PathLike) -> bool:
