@@ -11,14 +11,15 @@ all 177 programs back from the cache (the same validation figures); LeNet-5
 
 :func:`enable` turns the cache on. The programs (``python -m train.finetune``,
 ``train.seq2seq``, ``porting.verify``, ``jaxnets.attention``) call it before their
-first compilation, with their ``--compile-cache`` flag: a directory, or ``off``; by default
-``$JAXNETS_COMPILE_CACHE``, else ``xla`` in jaxnets' cache folder (``$JAXNETS_CACHE``,
-``$XDG_CACHE_HOME/jaxnets`` or ``~/.cache/jaxnets``, as for converted weights).
+first compilation, with their ``--compile-cache`` flag: a directory, or ``off``; by
+default ``$JAXNETS_COMPILE_CACHE``, else ``xla`` in jaxnets' cache folder
+(``$JAXNETS_CACHE``, ``$XDG_CACHE_HOME/jaxnets`` or ``~/.cache/jaxnets``, as for
+converted weights).
 A cache directory already given to jax (``JAX_COMPILATION_CACHE_DIR``) is kept as it
-is, with jax's settings. In the one chosen here, every program is written, however short its compile (jax's default skips those
-under a second, which is each of the initialisers above, 0.3 s apiece, and most
-steps of small models), and the directory is held under :data:`MAX_BYTES` by jax's
-least-recently-used eviction.
+is, with jax's settings. In the one chosen here, every program is written, however
+short its compile (jax's default skips those under a second, which is each of the
+initialisers above, 0.3 s apiece, and most steps of small models), and the directory
+is held under :data:`MAX_BYTES` by jax's least-recently-used eviction.
 
 jax keys each entry by the program, the jax/jaxlib versions, the XLA flags and the
 devices, so a changed program or install is compiled afresh. As jax warns, a cache
@@ -179,6 +180,9 @@ def enable(setting: str | None = None) -> str | None:
                               "compiled afresh each run", stacklevel=2)
                 _enabled_dir = None
                 return None
+        if not jax.config.jax_enable_compilation_cache:  # an earlier "off" here
+            jax.config.update("jax_enable_compilation_cache", True)
+            compilation_cache.reset_cache()
         if path != current:
             jax.config.update("jax_compilation_cache_dir", path)
             # jax decides at its first compilation whether and where to cache; an

@@ -96,8 +96,10 @@ def test_a_second_run_reads_every_program_back_and_gets_the_same_result(tmp_path
     assert "Error reading persistent compilation cache entry for 'jit_step'" in r.stderr
 
 
-def test_off_turns_a_cache_jax_was_given_off(tmp_path):
+def test_off_turns_a_cache_jax_was_given_off_and_a_folder_on_again(tmp_path):
     before = jax.config.jax_compilation_cache_dir
+    limits = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_max_size", "jax_persistent_cache_min_compile_time_secs")}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "given"))
     try:
         assert compile_cache.enable() == str(tmp_path / "given")  # jax's own setting kept
@@ -105,9 +107,15 @@ def test_off_turns_a_cache_jax_was_given_off(tmp_path):
         assert compile_cache.enable("off") is None
         assert not jax.config.jax_enable_compilation_cache
         assert compile_cache.summary() is None
+        # A folder named afterwards turns it on again.
+        assert compile_cache.enable(str(tmp_path / "named")) == str(tmp_path / "named")
+        assert jax.config.jax_enable_compilation_cache
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "named")
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
         jax.config.update("jax_compilation_cache_dir", before)
+        for k, v in limits.items():  # the suite's shared folder evicts nothing
+            jax.config.update(k, v)
         from jax.experimental.compilation_cache import compilation_cache
 
         compilation_cache.reset_cache()
