@@ -9,6 +9,7 @@ parameters after a step; a step of 1e-3 keeps that far below the tolerance
 while moving the parameters by much more than it.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -311,25 +312,30 @@ def test_cli_on_two_processes_matches_one_process_with_two_devices(tmp_path):
     """``train.finetune`` itself under ``jax.distributed``: two CPU processes on
     127.0.0.1 (one device each) against one process with two devices, same
     global batches. Covers per-process data shards, the eval gather across
-    processes, Orbax's collective checkpoint save and process-0-only output."""
+    processes, Orbax's collective checkpoint save, process-0-only output, and a
+    resume of both past an unreadable checkpoint."""
     cmd = [sys.executable, "-m", "train.finetune", *LENET, "--steps", "20", "--batch-size",
            "32", "--eval-batch-size", "64"]
     multi_dir = str(tmp_path / "multi")
-    port = _free_port()
-    procs = [subprocess.Popen(
-        cmd + ["--output-dir", multi_dir, "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--process-id", str(i)],
-        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    (out0, err0), (out1, err1) = outs
+
+    def run_two():
+        port = _free_port()
+        procs = [subprocess.Popen(
+            cmd + ["--output-dir", multi_dir, "--checkpoint-every", "10", "--coordinator",
+                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=600) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    (out0, err0), (out1, err1) = run_two()
     # Only process 0 prints: the run line, the result.
     assert "2 device(s) in 2 process(es)" in err0 and "device(s)" not in err1, (err0, err1)
     # (Gloo's own connection line comes from C++ in every process.)
@@ -357,6 +363,22 @@ def test_cli_on_two_processes_matches_one_process_with_two_devices(tmp_path):
     step_m, params_m = _final_params(multi_dir)
     step_s, params_s = _final_params(single_dir)
     assert step_m == step_s == 20 and set(params_m) == set(params_s)
+    for k in params_s:
+        np.testing.assert_allclose(params_m[k], params_s[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+    # The last checkpoint unreadable: both processes fall back to step 10 together,
+    # process 0 moves step 20 aside, and the two write step 20 anew: the same result.
+    for f in glob.glob(os.path.join(multi_dir, "checkpoints", "20", "state", "**", "d", "*"),
+                       recursive=True):
+        with open(f, "wb") as fh:
+            fh.write(b"corrupt")
+    (_, err0), (_, err1) = run_two()
+    assert "from step 10" in err0 and "20.unreadable" in err0, err0[-3000:]
+    assert "Traceback" not in err0 + err1, (err0 + err1)[-3000:]
+    assert sorted(os.listdir(os.path.join(multi_dir, "checkpoints"))) == ["10", "20",
+                                                                           "20.unreadable"]
+    step_m, params_m = _final_params(multi_dir)
+    assert step_m == 20
     for k in params_s:
         np.testing.assert_allclose(params_m[k], params_s[k], rtol=1e-5, atol=1e-5, err_msg=k)
 

@@ -9,27 +9,80 @@ mid-save leaves the previous checkpoints as they were. Kept: the last
 checkpoints carry that metric).
 
 Restoring tries the newest step first; if it cannot be read (a truncated or
-corrupted file), it warns and falls back to the previous one.
+corrupted file), it warns and falls back to the previous one. Once an older step
+restored, each newer unreadable one is moved aside to ``<step>.unreadable`` (kept,
+out of Orbax's sight): left in place it would hold its step number, so the resumed
+run's own checkpoint at that step would not be written (the run's final state lost
+when the run ends there) and it would take one of the ``keep`` places. When no step
+can be read, nothing is moved.
+
+A failed restore leaves tensorstore reads of the other arrays in flight; when
+they finish, their callbacks find Orbax's event loop already closed, and Python
+would print each one's ``RuntimeError: Event loop is closed`` traceback (42 of
+them for a LeNet-5 run), and asyncio logs their own errors as never retrieved:
+:func:`_quiet_late_read_callbacks` keeps those, and only those, off stderr from
+the first restore on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC"]
+__all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a run directory could be restored."""
+
+
+def _late_read_callback(unraisable) -> bool:
+    """Whether an unraisable exception is a finished read's callback into a closed
+    event loop (tensorstore reports it with no object)."""
+    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed")
+
+
+class _UnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of tensorstore reads:
+    the other reads of a restore that failed on one (their errors name the same
+    checkpoint; the first is reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, ValueError) and "tensorstore_spec" in str(exc)
+                    and record.getMessage().startswith(("Task exception was never retrieved",
+                                                        "Future exception was never retrieved")))
+
+
+def _quiet_late_read_callbacks() -> None:
+    """Keep a failed restore's reads still in flight off stderr (see the module
+    docstring): their ``Event loop is closed`` reports (every other unraisable
+    exception goes to the hook in place before) and asyncio's records of their
+    unretrieved errors. Installed once per process."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadErrors) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadErrors())
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_late_read_callbacks", False):
+        return
+
+    def hook(unraisable):
+        if not _late_read_callback(unraisable):
+            previous(unraisable)
+
+    hook._drops_late_read_callbacks = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -108,6 +161,9 @@ class Checkpointer:
         if not candidates:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        # Before the first attempt: a failed one's late callbacks can come before
+        # its exception reaches the handler below.
+        _quiet_late_read_callbacks()
         errors = []
         for s in candidates:
             try:
@@ -115,8 +171,10 @@ class Checkpointer:
                     s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                meta=ocp.args.JsonRestore()))
                 if errors:
-                    log.warning("resumed from step %d instead of %s", s,
-                                ", ".join(str(e[0]) for e in errors))
+                    moved = self._set_aside([e[0] for e in errors])
+                    log.warning("resumed from step %d instead of %s%s", s,
+                                ", ".join(str(e[0]) for e in errors),
+                                f"; moved aside: {', '.join(moved)}" if moved else "")
                 return s, restored["state"], restored["meta"]
             except Exception as e:  # noqa: BLE001 -- any read failure means "try the previous one".
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -126,6 +184,26 @@ class Checkpointer:
         raise CheckpointError(
             f"no readable checkpoint in {self.directory}: "
             + "; ".join(f"step {s}: {msg[:200]}" for s, msg in errors))
+
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Renames unreadable step directories to ``<step>.unreadable`` (``.2``, ...
+        when taken), on the primary process, and has every process's manager read
+        the directory again. Returns the new names."""
+        moved = []
+        if ocp.multihost.is_primary_host(0):
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                if not os.path.isdir(src):
+                    continue
+                dst, n = src + UNREADABLE_SUFFIX, 1
+                while os.path.exists(dst):
+                    n += 1
+                    dst = f"{src}{UNREADABLE_SUFFIX}.{n}"
+                os.rename(src, dst)
+                moved.append(dst)
+        ocp.multihost.sync_global_processes("jaxnets_checkpoint_set_aside")
+        self.manager.reload()
+        return moved
 
     def close(self) -> None:
         """Finishes pending work and releases the manager."""
