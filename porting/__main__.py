@@ -8,14 +8,17 @@ Commands:
   a registry weights name (``DEFAULT``, ``IMAGENET1K_V2``,
   ``resnet50.IMAGENET1K_V1``), fetched like ``from_torchvision`` does; a path
   is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint.
-* ``export --arch A --checkpoint DIR --out FILE.pth|FILE.safetensors
-  [--num-classes N]`` writes a torch state_dict that
+* ``export [--arch A] --checkpoint DIR --out FILE.pth|FILE.safetensors
+  [--num-classes N] [--step N|best]`` writes a torch state_dict that
   ``torchvision.models.<A>().load_state_dict(..., strict=True)`` accepts.
-  ``DIR`` is a converted directory, or an Orbax checkpoint of
-  ``nnx.state(model)`` or of its ``to_pure_dict()`` (as
+  ``DIR`` is a ``train.finetune`` run directory (its newest checkpoint, or
+  ``--step``; ``best``: the best by validation top-1), its ``checkpoints``
+  folder or one step directory; a converted directory; or an Orbax checkpoint
+  of ``nnx.state(model)`` or of its ``to_pure_dict()`` (as
   ``ocp.StandardCheckpointer().save(DIR, nnx.state(model))`` writes; a
-  ``{"model": ...}`` wrapper is unwrapped). ``.pth`` needs torch;
-  ``.safetensors`` does not.
+  ``{"model": ...}`` wrapper is unwrapped). ``--arch`` may be left out where
+  ``DIR`` says which model it holds (a run, a converted directory). ``.pth``
+  needs torch; ``.safetensors`` does not.
 * ``weights [--arch A]`` lists the registry's weights names.
 * ``verify ...`` forwards to ``porting.verify`` where that module exists.
 
@@ -68,9 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no download progress bar")
 
     e = sub.add_parser("export", help="jaxnets checkpoint -> torch state_dict file")
-    e.add_argument("--arch", required=True, help="jaxnets model name")
+    e.add_argument("--arch", default=None,
+                   help="jaxnets model name (default: the one a run or converted directory "
+                        "names)")
     e.add_argument("--checkpoint", required=True, type=Path,
-                   help="converted directory or Orbax checkpoint of nnx.state(model)")
+                   help="train.finetune run directory (or its checkpoints/ or one step "
+                        "directory), converted directory, or Orbax checkpoint of "
+                        "nnx.state(model)")
+    e.add_argument("--step", type=_step, default=None,
+                   help="a run's checkpoint: a step, or 'best' by validation top-1 "
+                        "(default: the newest)")
     e.add_argument("--out", required=True, type=Path, help="FILE.pth or FILE.safetensors")
     e.add_argument("--num-classes", type=int, default=None,
                    help="expected classifier outputs (default: the checkpoint's)")
@@ -78,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("weights", help="list the pretrained weights names")
     w.add_argument("--arch", default=None, help="only this arch")
     return parser
+
+
+def _step(text: str) -> int | str:
+    if text == "best" or (text.isdigit() and int(text) >= 0):
+        return text if text == "best" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {text!r}")
 
 
 def _one_line(e: BaseException) -> str:
@@ -141,12 +157,23 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in _flatten(tree).items()}
 
 
+def _locate_run(path: Path):
+    """``train.checkpoint.locate_run``, where ``train`` is installed (it is part of
+    this distribution; its Orbax reader needs nothing else)."""
+    try:
+        from train.checkpoint import locate_run
+    except ImportError:
+        return None
+    return locate_run(str(path))
+
+
 def _export(args: argparse.Namespace) -> None:
     import jaxnets
     from porting import pretrained
     from porting.state_dict import to_torch_state_dict
 
-    jaxnets.get_spec(args.arch)
+    if args.arch is not None:
+        jaxnets.get_spec(args.arch)
     suffix = args.out.suffix
     if suffix not in (".pth", ".pt", ".safetensors"):
         raise CliError(f"--out must end in .pth, .pt or .safetensors, got {args.out.name}")
@@ -155,19 +182,46 @@ def _export(args: argparse.Namespace) -> None:
         raise CliError(f"checkpoint directory not found: {ckpt}")
     overrides: dict[str, Any] = {}
     default_classes = args.num_classes
+    arch, label = args.arch, ckpt.name
+
+    def same_arch(held: str | None, what: str) -> str:
+        if held is None:
+            if args.arch is None:
+                raise CliError(f"{ckpt} does not say which model it holds; pass --arch")
+            return args.arch
+        if args.arch is not None and held != args.arch:
+            raise CliError(f"{ckpt} holds {what} {held}, not {args.arch}")
+        return held
+
+    run = _locate_run(ckpt)
+    if args.step is not None and run is None:
+        raise CliError(f"--step is for a train.finetune run directory; {ckpt} is not one")
     if pretrained.is_converted(ckpt):
         flat, meta = pretrained.read_converted(ckpt)
-        if meta.get("arch") != args.arch:
-            raise CliError(f"{ckpt} holds a converted {meta.get('arch')}, not {args.arch}")
+        arch = same_arch(meta.get("arch"), "a converted")
         overrides = meta.get("model_overrides", {})
         default_classes = default_classes or meta.get("num_classes")
+    elif run is not None:
+        from train.checkpoint import CheckpointError, read_run_weights
+
+        try:
+            weights = read_run_weights(str(ckpt), args.step)
+        except CheckpointError as e:
+            raise CliError(_one_line(e)) from None
+        arch = same_arch(weights.arch, "a run of")
+        flat, overrides = weights.arrays, weights.overrides
+        default_classes = default_classes or weights.num_classes
+        label = f"step {weights.step} of {ckpt}"
+        print(f"{arch}: step {weights.step} of {weights.directory}")
     elif any((ckpt / m).exists() for m in _ORBAX_MARKERS):
+        arch = same_arch(None, "")
         flat = _read_orbax(ckpt)
     else:
-        raise CliError(f"{ckpt} is neither a converted directory (no jaxnets.json) nor an "
-                       "Orbax checkpoint")
+        raise CliError(f"{ckpt} is neither a train.finetune run, a converted directory (no "
+                       "jaxnets.json) nor an Orbax checkpoint")
+    jaxnets.get_spec(arch)
     model, _, nc = pretrained.load_into_abstract(
-        args.arch, flat, torch_keys=False, label=ckpt.name, default_classes=default_classes,
+        arch, flat, torch_keys=False, label=label, default_classes=default_classes,
         overrides=overrides, consume=True)
     if args.num_classes is not None and nc is not None and nc != args.num_classes:
         raise CliError(f"{ckpt} has a {nc}-class head, --num-classes says {args.num_classes}")
@@ -178,7 +232,7 @@ def _export(args: argparse.Namespace) -> None:
         if suffix == ".safetensors":
             from porting.safetensors_io import save_safetensors
 
-            save_safetensors(state, tmp, metadata={"format": "pt", "arch": args.arch})
+            save_safetensors(state, tmp, metadata={"format": "pt", "arch": arch})
         else:
             try:
                 import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from porting.parity import randomize_torch_model
 from porting.pretrained import build_abstract, materialize, read_converted
 from porting.safetensors_io import load_safetensors
 from porting.state_dict import to_torch_state_dict
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +116,7 @@ def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
         capsys, export + ["--arch", "resnet18", "--out", str(tmp_path / "x.npz")])
     assert "not resnet34" in _error(capsys, export + ["--arch", "resnet34",
                                                        "--out", str(tmp_path / "x.pth")])
-    assert "neither a converted directory" in _error(
+    assert "neither a train.finetune run" in _error(
         capsys, ["export", "--arch", "resnet18", "--checkpoint", str(tmp_path),
                  "--out", str(tmp_path / "x.pth")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.pth").exists()
@@ -143,3 +145,93 @@ def test_module_entry_point_converts_without_torch(converted, tmp_path):
     assert ours.keys() == theirs.keys()
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+
+def read_model_info(run: Path) -> dict:
+    return json.loads((run / "model.json").read_text())
+
+
+def _finetune(run_dir: Path, *args: str) -> None:
+    from train.finetune import main as finetune
+
+    assert finetune(["--dataset", "digits", "--weights", "none", "--no-progress",
+                     "--batch-size", "16", "--output-dir", str(run_dir), *args]) == 0
+
+
+def _saved(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """A run checkpoint's parameters and statistics as Orbax restores them (no jaxnets)."""
+    state = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+    return {k: np.asarray(v) for part in ("params", "batch_stats") for k, v in state[part].items()}
+
+
+def _loads_into_torch(arch: str, path: Path, num_classes: int, **overrides) -> dict:
+    from porting.reference import build_torch_model
+
+    state_dict = load_safetensors(path)
+    build_torch_model(arch, num_classes, **overrides).load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=True)
+    return state_dict
+
+
+def test_export_of_a_finetune_run(tmp_path, capsys):
+    """A train.finetune run exports to torch with no --arch: its newest step, a
+    --step, the best step, a step directory; BatchNorm statistics included."""
+    from porting.pretrained import load_into_abstract, model_flat
+
+    run = tmp_path / "run"
+    _finetune(run, "--arch", "resnet18_cifar", "--image-size", "16", "--steps", "4",
+              "--checkpoint-every", "2")
+    assert read_model_info(run) == {"arch": "resnet18_cifar", "num_classes": 10,
+                                    "model_overrides": {}}
+    for extra, step in (([], 4), (["--step", "2"], 2), (["--step", "best"], 4),
+                        ([], None)):
+        checkpoint = run if step is not None else run / "checkpoints" / "2"
+        step = step or 2
+        out = tmp_path / f"{step}-{len(extra)}.safetensors"
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *extra]) == 0
+        assert f"step {step} of" in capsys.readouterr().out
+        exported = _loads_into_torch("resnet18_cifar", out, 10)
+        assert "bn1.running_var" in exported and "layer4.1.bn2.num_batches_tracked" in exported
+        # Back into jaxnets from torch keys: the very arrays the run saved.
+        model, _, _ = load_into_abstract("resnet18_cifar", exported, torch_keys=True,
+                                         label=out.name)
+        saved, back = _saved(run, step), model_flat(model)
+        assert saved.keys() <= back.keys() and any(k.endswith(".mean") for k in saved)
+        for k in saved:
+            np.testing.assert_array_equal(back[k], saved[k], err_msg=k)
+    # The two steps differ (the check above could not tell them apart otherwise).
+    assert not np.array_equal(_saved(run, 2)["fc.kernel"], _saved(run, 4)["fc.kernel"])
+
+    def error(*args):
+        return _error(capsys, ["export", "--out", str(tmp_path / "x.pth"), *args])
+
+    assert "(steps: 2, 4)" in error("--checkpoint", str(run), "--step", "9")
+    assert "a run of resnet18_cifar, not resnet18" in error("--checkpoint", str(run),
+                                                            "--arch", "resnet18")
+    assert "'best'" in error("--checkpoint", str(run), "--step", "last")
+    assert "--step is for a train.finetune run" in error(
+        "--checkpoint", str(tmp_path), "--step", "2")
+    for f in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"corrupt")
+    assert "cannot read step 4" in error("--checkpoint", str(run)) and not (
+        tmp_path / "x.pth").exists()
+    assert "(other steps: 2; pass --step)" in error("--checkpoint", str(run))
+    # A run from before model.json: the arch from config.json.
+    (run / "model.json").unlink()
+    assert main(["export", "--checkpoint", str(run), "--step", "2", "--out",
+                 str(tmp_path / "old.pth")]) == 0
+    (run / "config.json").unlink()
+    assert "does not say which model" in error("--checkpoint", str(run), "--step", "2")
+
+
+def test_export_of_a_run_keeps_the_model_options(tmp_path, capsys):
+    """A vector model's input width is a constructor option the run derived from
+    --image-size: model.json carries it to the export."""
+    run = tmp_path / "mlp"
+    _finetune(run, "--arch", "mlp", "--steps", "2", "--image-size", "12")
+    assert read_model_info(run)["model_overrides"] == {"in_features": 144}
+    out = tmp_path / "mlp.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    exported = _loads_into_torch("mlp", out, 10, in_features=144)
+    assert exported["fc1.weight"].shape[1] == 144

@@ -26,16 +26,19 @@ the first restore on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX"]
+__all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
+           "RunWeights", "locate_run", "read_run_weights", "write_model_info"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
@@ -209,3 +212,156 @@ class Checkpointer:
         """Finishes pending work and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# --------------------------------------------------------------------------
+# Reading a run's weights back (``python -m porting export`` of a run).
+
+MODEL_INFO = "model.json"
+
+
+def write_model_info(run_dir: str, arch: str, num_classes: int, overrides: dict) -> None:
+    """Writes ``model.json`` into a run directory: what builds the run's model
+    (registry name, class count, constructor options, those the pretrained
+    weights needed included), so that its checkpoints can be read without the
+    dataset or the weights."""
+    path = os.path.join(run_dir, MODEL_INFO)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"arch": arch, "num_classes": int(num_classes),
+                   "model_overrides": dict(overrides)}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class RunWeights(NamedTuple):
+    """A run checkpoint's model: ``arrays`` maps flax paths (``nnx.state``'s,
+    dotted) to the parameters and BatchNorm statistics; ``arch`` is None when the
+    run directory does not say (a bare checkpoints folder)."""
+
+    arch: str | None
+    num_classes: int | None
+    overrides: dict
+    step: int
+    arrays: dict[str, np.ndarray]
+    directory: str  # the step directory read
+
+
+def _step_dirs(checkpoints: str) -> list[int]:
+    return sorted(int(n) for n in os.listdir(checkpoints)
+                  if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state")))
+
+
+def locate_run(path: str) -> tuple[str | None, str, int | None] | None:
+    """Where a path leads in a ``train.finetune`` run: ``(run directory or None,
+    checkpoints directory, step the path names or None)``, or None when it is not
+    a run directory, its ``checkpoints`` folder or one step directory of it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path, os.path.join(path, "checkpoints"), None
+    if os.path.isdir(path) and os.path.basename(path) == "checkpoints":
+        return os.path.dirname(path), path, None
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        parent = os.path.dirname(path)
+        return os.path.dirname(parent), parent, int(name)
+    return None
+
+
+def _best_step(checkpoints: str, steps: list[int]) -> int | None:
+    """The step with the highest validation top-1 in its saved metrics (read as
+    files: a CheckpointManager would also clean up the temporary folder of a save
+    in progress, were the run still going)."""
+    best = None
+    for s in steps:
+        try:
+            with open(os.path.join(checkpoints, str(s), "metrics", "metrics")) as f:
+                top1 = json.load(f).get(BEST_METRIC)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(top1, (int, float)) and (best is None or top1 > best[0]):
+            best = (top1, s)
+    return None if best is None else best[1]
+
+
+def _run_model(run_dir: str | None) -> tuple[str | None, int | None, dict]:
+    """(arch, num_classes, overrides) from ``model.json``, else ``config.json``
+    (runs made before ``model.json`` existed: the ``--model-arg`` options)."""
+    if run_dir is None:
+        return None, None, {}
+    for name in (MODEL_INFO, "config.json"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is unreadable: {e}") from None
+        if name == MODEL_INFO:
+            return info.get("arch"), info.get("num_classes"), dict(info.get("model_overrides", {}))
+        return info.get("arch"), None, {k: v for k, v in info.get("model_args", [])}
+    return None, None, {}
+
+
+def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
+    """The model of one checkpoint of a ``train.finetune`` run: its parameters and
+    BatchNorm statistics, as numpy (the optimizer state is not read).
+
+    Args:
+        path: The run directory, its ``checkpoints`` folder, or a step directory.
+        step: A step, ``"best"`` (the best by validation top-1), or None: the step
+            directory ``path`` names, else the newest.
+
+    Raises:
+        CheckpointError: Not a run, no such step, or the step cannot be read
+            (the message lists the other steps).
+    """
+    found = locate_run(path)
+    if found is None:
+        raise CheckpointError(f"{path} is not a train.finetune run directory (no checkpoints/)")
+    run_dir, checkpoints, named = found
+    steps = _step_dirs(checkpoints) if os.path.isdir(checkpoints) else []
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {checkpoints}")
+    if step == "best":
+        step = _best_step(checkpoints, steps)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {checkpoints} has a validation accuracy "
+                                  "(only epoch-end checkpoints do); pass --step N")
+    elif step is None:
+        step = named if named is not None else steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"no step {step} in {checkpoints} (steps: "
+                              f"{', '.join(map(str, steps))})")
+    arch, num_classes, overrides = _run_model(run_dir)
+    state_dir = os.path.join(checkpoints, str(step), "state")
+    _quiet_late_read_callbacks()
+    ck = ocp.PyTreeCheckpointer()
+    try:
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" (it is one level up)
+        try:
+            tree = ck.metadata(state_dir).item_metadata
+        finally:
+            absl_log.setLevel(level)
+        wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+        if "params" not in wanted:
+            raise ValueError("no 'params' in the state")
+        restored = ck.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=jax.tree.map(lambda _: np.zeros(0), wanted),
+            restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                      wanted),
+            partial_restore=True))
+    except Exception as e:  # noqa: BLE001 -- orbax raises assorted types for damaged files.
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        others = [s for s in steps if s != step]
+        raise CheckpointError(
+            f"cannot read step {step} in {checkpoints}: {first}"
+            + (f" (other steps: {', '.join(map(str, others))}; pass --step)" if others else "")
+        ) from None
+    arrays = {k: np.asarray(v) for part in ("params", "batch_stats")
+              for k, v in restored.get(part, {}).items()}
+    return RunWeights(arch, num_classes, overrides, int(step), arrays,
+                      os.path.join(checkpoints, str(step)))

@@ -454,6 +454,9 @@ def run(cfg) -> int:
     state = distributed.replicate(state, mesh)
     if main:
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
+        # What builds this model again (python -m porting export RUN_DIR).
+        ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
+            **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
     distributed.print0(f"{cfg.arch}: {load_report}; {groups.summary()}; {len(train_src)} train / "
           f"{len(val_src)} val images, {num_classes} classes, {cfg.image_size}px, {cfg.precision}, {mesh.size} device(s) in "
         f"{pcount} process(es)", file=sys.stderr)
