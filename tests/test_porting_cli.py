@@ -201,6 +201,20 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
             np.testing.assert_array_equal(back[k], saved[k], err_msg=k)
     # The two steps differ (the check above could not tell them apart otherwise).
     assert not np.array_equal(_saved(run, 2)["fc.kernel"], _saved(run, 4)["fc.kernel"])
+    # In Python: the run's model, and the same logits as torch's from the export.
+    from porting.reference import build_torch_model
+    from train.checkpoint import load_model
+
+    model, step = load_model(str(run), step=2)
+    assert step == 2 and all(np.array_equal(model_flat(model)[k], v)
+                             for k, v in _saved(run, 2).items())
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    reference = build_torch_model("resnet18_cifar", 10)
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                               load_safetensors(tmp_path / "2-2.safetensors").items()})
+    with torch.no_grad():
+        expected = reference.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-4, atol=1e-4)
 
     def error(*args):
         return _error(capsys, ["export", "--out", str(tmp_path / "x.pth"), *args])

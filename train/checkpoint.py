@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 __all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
-           "RunWeights", "locate_run", "read_run_weights", "write_model_info"]
+           "RunWeights", "load_model", "locate_run", "read_run_weights", "write_model_info"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
@@ -365,3 +365,32 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
               for k, v in restored.get(part, {}).items()}
     return RunWeights(arch, num_classes, overrides, int(step), arrays,
                       os.path.join(checkpoints, str(step)))
+
+
+def load_model(path: str, step: int | str | None = None, *, seed: int = 0):
+    """A ``train.finetune`` run's model, in eval mode, from one of its checkpoints.
+
+    Args:
+        path: The run directory, its ``checkpoints`` folder, or a step directory.
+        step: As for :func:`read_run_weights` (None: the newest).
+        seed: Seeds what a checkpoint does not hold (dropout's RNG state).
+
+    Returns:
+        ``(model, step)``.
+
+    Raises:
+        CheckpointError: As :func:`read_run_weights`, or the run does not say
+            which model it holds.
+    """
+    from porting.pretrained import load_into_abstract, materialize
+
+    weights = read_run_weights(path, step)
+    if weights.arch is None:
+        raise CheckpointError(f"{path} does not say which model it holds (no model.json or "
+                              "config.json in the run directory)")
+    model, _, num_classes = load_into_abstract(
+        weights.arch, weights.arrays, torch_keys=False, label=weights.directory,
+        default_classes=weights.num_classes, overrides=weights.overrides, consume=True)
+    materialize(model, weights.arch, num_classes, seed, **weights.overrides)
+    model.eval()
+    return model, weights.step
