@@ -226,7 +226,11 @@ def _export(args: argparse.Namespace) -> None:
     if args.num_classes is not None and nc is not None and nc != args.num_classes:
         raise CliError(f"{ckpt} has a {nc}-class head, --num-classes says {args.num_classes}")
     state = to_torch_state_dict(model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--out {args.out}: cannot create {args.out.parent}: "
+                       f"{e.strerror or e}") from None
     tmp = args.out.with_name(f".{args.out.stem}.{os.getpid()}.tmp{suffix}")
     try:
         if suffix == ".safetensors":

@@ -321,12 +321,22 @@ def write_converted(path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapp
       path: the directory to create.
       flat: flax path -> array.
       meta: metadata; ``format`` is added.
-      replace: replace an existing directory; otherwise keep it.
+      replace: replace an existing converted directory (or an empty one);
+        otherwise keep it.
 
     Returns:
       ``path``.
+
+    Raises:
+      FileExistsError: ``replace`` and ``path`` is a file, or a directory with
+        other contents than a converted checkpoint's: nothing is written, it is
+        left as it was.
     """
     path = Path(path)
+    if replace and path.exists() and not (path.is_dir() and (
+            is_converted(path) or not any(path.iterdir()))):
+        raise FileExistsError(f"{path} exists and is not a converted directory (no {_META}); "
+                              "not replacing it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -196,6 +196,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert needle in _one_error_line(capsys)
 
 
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    for out, needle in ((f, "a file, not a directory"), (f / "run", "Not a directory")):
+        assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(out)]) == 2
+        assert f"--output-dir {out}: {needle}" in _one_error_line(capsys)
+    assert f.read_text() == "keep"
+
+
 def test_an_input_size_the_model_cannot_take_fails_before_weights_are_read(
         tmp_path, capsys, monkeypatch):
     # Checked on a model without values: no pretrained file is fetched or read first.

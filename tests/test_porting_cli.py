@@ -120,6 +120,24 @@ def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
         capsys, ["export", "--arch", "resnet18", "--checkpoint", str(tmp_path),
                  "--out", str(tmp_path / "x.pth")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.pth").exists()
+    # convert --out never replaces what is not a converted directory.
+    keep = tmp_path / "keep"
+    keep.write_text("mine")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine too")
+    for target in (keep, folder):
+        assert "not a converted directory" in _error(
+            capsys, ["convert", "--arch", "resnet18", "--weights", str(pth), "--out", str(target)])
+    assert keep.read_text() == "mine" and os.listdir(folder) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty folder, then the converted directory itself: replaced
+        assert main(["convert", "--arch", "resnet18", "--weights", str(pth), "--out",
+                     str(tmp_path / "empty")]) == 0
+    capsys.readouterr()
+    assert "cannot create" in _error(capsys, export + ["--arch", "resnet18", "--out",
+                                                       str(keep / "x.pth")])
+    assert keep.read_text() == "mine"
 
 
 def test_usage_errors_are_one_line(capsys):

@@ -103,3 +103,17 @@ def test_cli_rejects_unknown_task():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: argument --task: invalid choice: 'rotate'")
     assert "reverse" in lines[0]
+
+
+def test_an_out_that_cannot_be_made_fails_before_training(tmp_path, capsys, monkeypatch):
+    def trained(config):
+        raise AssertionError("trained before --out was checked")
+
+    monkeypatch.setattr(seq2seq, "train", trained)
+    f = tmp_path / "file"
+    f.write_text("keep")
+    for out, needle in ((f, "a file, not a directory"), (f / "run", "Not a directory")):
+        assert seq2seq.main(["--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --out {out}: {needle}", err
+    assert f.read_text() == "keep"

@@ -403,6 +403,20 @@ def _interpolation(transforms) -> str:
     return name if name in ("bilinear", "bicubic") else "bilinear"
 
 
+def make_output_dir(path: str, flag: str) -> None:
+    """Creates a program's output directory (and its parents) before any work.
+
+    Raises:
+        ConfigError: It cannot be made (a file in the way, no permission),
+            naming ``flag``.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        why = "a file, not a directory" if os.path.isfile(path) else e.strerror or str(e)
+        raise ConfigError(f"{flag} {path}: {why}") from None
+
+
 def save(cfg: Config, path: str) -> None:
     """Writes the config as JSON (atomically: temp file + rename).
 

@@ -421,6 +421,7 @@ def run(cfg) -> int:
         raise RunError(f"--eval-batch-size {cfg.eval_batch_size} must be divisible by the "
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
+    config_lib.make_output_dir(run_dir, "--output-dir")  # before any compiling
     _check_identity(run_dir, cfg)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
@@ -441,7 +442,6 @@ def run(cfg) -> int:
     state = steps_lib.init_state(params, stats, tx, cfg.seed)
     del params, stats
 
-    os.makedirs(run_dir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
     try:
         restored = checkpointer.restore(state)

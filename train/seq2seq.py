@@ -529,6 +529,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except compile_cache.CompileCacheError as e:
         print(f"error: --compile-cache: {e}", file=sys.stderr)
         return 2
+    from train.config import ConfigError, make_output_dir
+
+    try:
+        if config.out:  # before training: a bad --out is found in seconds
+            make_output_dir(os.path.abspath(config.out), "--out")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         result = train(config)
     except OSError as e:
