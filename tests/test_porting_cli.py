@@ -233,6 +233,24 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
     with torch.no_grad():
         expected = reference.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(np.asarray(model(x)), expected, rtol=1e-4, atol=1e-4)
+    # The exported torch model gives the run's own validation logits, image by image.
+    from train.augment import AugmentConfig, eval_transform
+    from train.data import load_dataset
+
+    cfg = json.loads((run / "config.json").read_text())
+    val = load_dataset("digits", split="val", seed=cfg["seed"])
+    saved = np.load(run / "predictions.npz")
+    images = np.stack([val[int(i)][0] for i in saved["index"]])
+    x = np.asarray(eval_transform(images, AugmentConfig(
+        crop_size=cfg["image_size"], resize_size=cfg["resize_size"], mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]), channels=3, interpolation=cfg["interpolation"])))
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                               load_safetensors(tmp_path / "4-0.safetensors").items()})
+    with torch.no_grad():
+        logits = reference.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert len(logits) == len(val) > 300
+    np.testing.assert_allclose(logits, saved["logits"], rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == saved["pred"]).all()
 
     def error(*args):
         return _error(capsys, ["export", "--out", str(tmp_path / "x.pth"), *args])
