@@ -275,13 +275,27 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
     assert "does not say which model" in error("--checkpoint", str(run), "--step", "2")
 
 
-def test_export_of_a_run_keeps_the_model_options(tmp_path, capsys):
+def test_a_run_keeps_its_model_options_for_export_and_as_weights(tmp_path, capsys):
     """A vector model's input width is a constructor option the run derived from
-    --image-size: model.json carries it to the export."""
+    --image-size: model.json carries it to the export, and to another run that
+    starts from this one (``--weights RUN_DIR``)."""
+    from train.finetune import main as finetune
+
     run = tmp_path / "mlp"
-    _finetune(run, "--arch", "mlp", "--steps", "2", "--image-size", "12")
+    _finetune(run, "--arch", "mlp", "--steps", "3", "--image-size", "12")
     assert read_model_info(run)["model_overrides"] == {"in_features": 144}
     out = tmp_path / "mlp.safetensors"
     assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
     exported = _loads_into_torch("mlp", out, 10, in_features=144)
     assert exported["fc1.weight"].shape[1] == 144
+    # Evaluated from another run directory: the very model, the same figures.
+    again = tmp_path / "again"
+    _finetune(again, "--arch", "mlp", "--image-size", "12", "--weights", str(run),
+              "--eval-only")
+    assert f"step 3 of the run {run}" in capsys.readouterr().err
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (run, again))
+    assert second["val_top1"] == first["val_top1"] and second["val_loss"] == pytest.approx(
+        first["val_loss"], rel=1e-6)
+    assert finetune(["--arch", "lenet5", "--dataset", "digits", "--weights", str(run),
+                     "--output-dir", str(tmp_path / "x")]) == 2
+    assert "a run of mlp, not lenet5" in capsys.readouterr().err

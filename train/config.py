@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", required=True, help="registered model name (jaxnets.list_models())")
     g.add_argument("--weights", default="DEFAULT",
                    help="'DEFAULT' or a torchvision weights name (pretrained, via porting."
-                        "pretrained), a .pth/.pt/.safetensors PATH (torch state_dict), or 'none' "
-                        "(random init). The head is replaced when the class count differs.")
+                        "pretrained), a .pth/.pt/.safetensors PATH (torch state_dict), another "
+                        "run's directory (its newest checkpoint), or 'none' (random init). The "
+                        "head is replaced when the class count differs.")
     g.add_argument("--dataset", required=True,
                    help="'digits', 'tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]', 'folder:PATH' or a PATH "
                         "(see train/data.py)")

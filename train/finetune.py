@@ -61,10 +61,26 @@ def _is_path(weights: str) -> bool:
             or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or os.path.exists(weights))
 
 
-def _load_state_dict(path: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _load_state_dict(path: str, arch: str) -> tuple[dict[str, np.ndarray], list[str]]:
     path = os.path.expanduser(path)
     if not os.path.exists(path):
         raise RunError(f"--weights {path}: no such file")
+    from train import checkpoint as ckpt_lib
+
+    if (os.path.isdir(path) and ckpt_lib.locate_run(path) is not None
+            and not os.path.exists(os.path.join(path, "jaxnets.json"))):
+        # Another run's model (its newest checkpoint), as a torch state_dict: the
+        # head is then replaced like any checkpoint's when the class count differs.
+        from porting.state_dict import to_torch_state_dict
+
+        try:
+            held = ckpt_lib.read_run_weights(path).arch
+            if held is not None and held != arch:
+                raise RunError(f"--weights {path}: a run of {held}, not {arch}")
+            model, step = ckpt_lib.load_model(path)
+        except ckpt_lib.CheckpointError as e:
+            raise RunError(f"--weights {path}: {e}") from None
+        return to_torch_state_dict(model), [f"step {step} of the run {path}"]
     if path.endswith(".safetensors") or os.path.isdir(path):
         from porting.safetensors_io import load_safetensors
 
@@ -204,7 +220,7 @@ def build_model(cfg, spec, num_classes: int, build_pretrained=None):
     model = _create_model(cfg, num_classes, overrides)
     if cfg.weights.lower() == "none":
         return model, "random init (--weights none)"
-    state_dict, notes = _load_state_dict(cfg.weights)
+    state_dict, notes = _load_state_dict(cfg.weights, spec.name)
     report = load_checkpoint_into(model, spec, state_dict, cfg.weights)
     return model, "; ".join([report] + notes)
 
