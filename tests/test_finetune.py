@@ -199,10 +199,33 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
 def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("keep")
-    for out, needle in ((f, "a file, not a directory"), (f / "run", "Not a directory")):
+    for out, needle in ((f, "a file, not a directory"),
+                        (f / "run", f"{f} is a file, not a directory")):
         assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(out)]) == 2
         assert f"--output-dir {out}: {needle}" in _one_error_line(capsys)
     assert f.read_text() == "keep"
+
+
+def test_a_folder_of_other_files_is_refused_and_bad_input_writes_nothing(tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"x": 1}\n')
+    assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(other)]) == 2
+    assert "holds other files and no run" in _one_error_line(capsys)
+    assert os.listdir(other) == ["metrics.jsonl"]
+    assert (other / "metrics.jsonl").read_text() == '{"x": 1}\n'
+    # Bad input found late (the target dataset) still writes nothing.
+    fresh = tmp_path / "fresh"
+    assert finetune.main(LENET + ["--steps", "1", "--target-dataset", "bogus",
+                                  "--output-dir", str(fresh)]) == 2
+    assert "bogus" in _one_error_line(capsys) and not fresh.exists()
+    # A run stopped by bad input before its first step (as before that check) holds
+    # nothing to keep: the corrected command is not refused as "a different run".
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "config.json").write_text(json.dumps({"arch": "lenet5", "target_dataset": "x"}))
+    assert finetune.main(LENET + ["--steps", "1", "--batch-size", "16",
+                                  "--output-dir", str(fresh)]) == 0
+    assert json.loads((fresh / "config.json").read_text())["target_dataset"] is None
 
 
 def test_an_input_size_the_model_cannot_take_fails_before_weights_are_read(

@@ -112,8 +112,48 @@ def test_an_out_that_cannot_be_made_fails_before_training(tmp_path, capsys, monk
     monkeypatch.setattr(seq2seq, "train", trained)
     f = tmp_path / "file"
     f.write_text("keep")
-    for out, needle in ((f, "a file, not a directory"), (f / "run", "Not a directory")):
+    for out, needle in ((f, "a file, not a directory"),
+                        (f / "run", f"{f} is a file, not a directory")):
         assert seq2seq.main(["--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: --out {out}: {needle}", err
     assert f.read_text() == "keep"
+
+
+TINY = ["--d-model", "32", "--nhead", "2", "--num-encoder-layers", "1",
+        "--num-decoder-layers", "1", "--dim-feedforward", "64", "--batch-size", "8",
+        "--eval-size", "16", "--no-progress"]
+
+
+def test_ctrl_c_saves_the_model_so_far_and_exits_130(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    calls = []
+    real = seq2seq.make_batch
+
+    def batch(*args, **kwargs):  # the held-out set, then one batch per step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, during step 2
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq2seq, "make_batch", batch)
+    out = tmp_path / "run"
+    assert seq2seq.main(["--steps", "500", "--out", str(out), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at step 2 of 500: the model so far saved in {out}" in err, err
+    assert "Traceback" not in err and len(calls) == 3
+    model, config = seq2seq.load_checkpoint(str(out))
+    assert config.steps == 500 and model is not None
+    # The folder now holds a run: rerunning into it is allowed, with a note;
+    # a folder of other files is refused before any training.
+    monkeypatch.setattr(seq2seq, "make_batch", real)
+    assert seq2seq.main(["--steps", "1", "--out", str(out), *TINY]) == 0
+    assert f"the run in {out} is replaced" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert seq2seq.main(["--steps", "1", "--out", str(other), *TINY]) == 2
+    assert "holds other files and no seq2seq run" in capsys.readouterr().err
+    assert os.listdir(other) == ["notes.txt"]

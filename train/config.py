@@ -404,18 +404,24 @@ def _interpolation(transforms) -> str:
     return name if name in ("bilinear", "bicubic") else "bilinear"
 
 
-def make_output_dir(path: str, flag: str) -> None:
-    """Creates a program's output directory (and its parents) before any work.
+def check_output_dir(path: str, flag: str) -> None:
+    """Checks, before any work, that a program's output directory exists or can be
+    made (nothing is created here).
 
     Raises:
-        ConfigError: It cannot be made (a file in the way, no permission),
-            naming ``flag``.
+        ConfigError: A file in the way, or no permission, naming ``flag``.
     """
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        why = "a file, not a directory" if os.path.isfile(path) else e.strerror or str(e)
-        raise ConfigError(f"{flag} {path}: {why}") from None
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{flag} {path}: a file, not a directory")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to create it in {parent}")
 
 
 def save(cfg: Config, path: str) -> None:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -37,11 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from train.interrupt import EXIT_INTERRUPTED, Interrupt
+
 log = logging.getLogger("train.finetune")
 
 EXIT_BAD_INPUT = 2
 EXIT_NAN = 1
-EXIT_INTERRUPTED = 130
 
 
 class RunError(Exception):
@@ -346,7 +346,15 @@ def _check_identity(run_dir: str, cfg) -> None:
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
+        if os.path.isdir(run_dir) and any(not e.name.startswith(".")
+                                          for e in os.scandir(run_dir)):
+            raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
+                           "config.json); pass a new or empty folder")
         return
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if set(os.listdir(run_dir)) <= {"config.json", "model.json", "checkpoints"} and not (
+            os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return  # a run stopped by bad input before its first step: nothing to keep
     saved = config_lib.load(path)
     current = json.loads(cfg.to_json())
     diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
@@ -354,25 +362,6 @@ def _check_identity(run_dir: str, cfg) -> None:
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
                        "--output-dir")
-
-
-class _Interrupt:
-    """Turns the first SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:  # a second Ctrl-C means now
-                raise KeyboardInterrupt
-            self.requested = True
-        self._previous = signal.signal(signal.SIGINT, handler)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
 
 
 def run(cfg) -> int:
@@ -437,7 +426,7 @@ def run(cfg) -> int:
         raise RunError(f"--eval-batch-size {cfg.eval_batch_size} must be divisible by the "
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
-    config_lib.make_output_dir(run_dir, "--output-dir")  # before any compiling
+    config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
     _check_identity(run_dir, cfg)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
@@ -458,10 +447,21 @@ def run(cfg) -> int:
     state = steps_lib.init_state(params, stats, tx, cfg.seed)
     del params, stats
 
+    # The target domain's data is checked before anything is written in the run folder.
+    mmd = bool(cfg.target_dataset) and cfg.mmd_weight > 0
+    target_loader = None
+    if mmd and not (cfg.eval_only or cfg.steps == 0):
+        target_src = load_dataset(cfg.target_dataset, split="train", **load)
+        target_loader = Loader(target_src, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
+                               drop_remainder=True, process_index=pindex, process_count=pcount,
+                               num_workers=cfg.num_workers)
+
+    os.makedirs(run_dir, exist_ok=True)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
     try:
         restored = checkpointer.restore(state)
     except ckpt_lib.CheckpointError as e:
+        checkpointer.close()  # else Orbax's threads fail at exit, after the error line
         raise RunError(str(e)) from None
     start_step = 0
     if restored is not None:
@@ -490,13 +490,8 @@ def run(cfg) -> int:
         checkpointer.close()
         return 0
 
-    mmd = bool(cfg.target_dataset) and cfg.mmd_weight > 0
-    target_loader = None
-    if mmd:
-        target_src = load_dataset(cfg.target_dataset, split="train", **load)
-        target_loader = Loader(target_src, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
-                               drop_remainder=True, process_index=pindex, process_count=pcount,
-                               start_step=start_step, num_workers=cfg.num_workers)
+    if target_loader is not None:
+        target_loader.start_step = start_step
     train_step = steps_lib.make_train_step(
         parts, tx, augment=aug, num_classes=num_classes, frozen=groups.frozen,
         frozen_stats=groups.frozen_stats, label_smoothing=cfg.label_smoothing,
@@ -521,7 +516,7 @@ def run(cfg) -> int:
                                disable=not (cfg.progress and main))
     say = bar.write if main else (lambda *a, **k: None)
     try:
-        with _Interrupt() as interrupt:
+        with Interrupt() as interrupt:
             while step < total:
                 batch = next(it)
                 batch = {k: batch[k] for k in ("image", "label", "mask")}

@@ -41,6 +41,7 @@ from flax import nnx
 from jaxnets import compile_cache
 from jaxnets.layers import linear
 from jaxnets.transformer import Transformer, generate_square_subsequent_mask
+from train.interrupt import EXIT_INTERRUPTED, Interrupt
 
 __all__ = ["Config", "Seq2SeqTransformer", "Result", "make_batch", "train", "load_checkpoint",
            "main"]
@@ -302,6 +303,8 @@ class Result:
       seconds: wall time of the whole run (compilation included).
       checkpoint: path of the saved checkpoint, or None.
       history: (step, held-out accuracy) from periodic evaluations.
+      stopped_at: the step a Ctrl-C stopped the run at (no final evaluation:
+        ``accuracy`` is NaN), or None.
     """
 
     accuracy: float
@@ -310,6 +313,7 @@ class Result:
     seconds: float
     checkpoint: str | None
     history: list[tuple[int, float]]
+    stopped_at: int | None = None
 
 
 def _make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -378,22 +382,28 @@ def train(config: Config) -> Result:
     rng = np.random.default_rng([config.seed, 0])
     history = []
     loss = acc = float("nan")
+    stopped_at = None
     with tqdm(range(1, config.steps + 1), desc=f"seq2seq {config.task}",
-              disable=not config.progress, dynamic_ncols=True) as bar:
+              disable=not config.progress, dynamic_ncols=True) as bar, Interrupt() as interrupt:
         for step in bar:
             batch = make_batch(rng, config, config.batch_size, held_out=False)
             state, loss_d, acc_d = train_step(state, batch)
-            if step % 50 == 0 or step == config.steps:
+            if step % 50 == 0 or step == config.steps or interrupt.requested:
                 loss, acc = float(loss_d), float(acc_d)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            if interrupt.requested and step < config.steps:
+                stopped_at = step
+                break
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 history.append((step, evaluate(state)))
                 bar.write(f"step {step}: held-out exact-sequence accuracy {history[-1][1]:.4f}")
-    accuracy = evaluate(state)
-    history.append((config.steps, accuracy))
+    accuracy = float("nan")
+    if stopped_at is None:
+        accuracy = evaluate(state)
+        history.append((config.steps, accuracy))
     nnx.update((model, optimizer), state)
     path = save_checkpoint(model, config) if config.out else None
-    return Result(accuracy, acc, loss, time.perf_counter() - start, path, history)
+    return Result(accuracy, acc, loss, time.perf_counter() - start, path, history, stopped_at)
 
 
 def save_checkpoint(model: Seq2SeqTransformer, config: Config) -> str:
@@ -511,6 +521,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(e))
 
 
+def _check_out(out: str) -> None:
+    """Refuses an ``--out`` folder that holds files but no seq2seq run; an earlier
+    run there is replaced, with a note."""
+    from train.config import ConfigError
+
+    if not os.path.isdir(out) or not any(not e.name.startswith(".") for e in os.scandir(out)):
+        return
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        raise ConfigError(f"--out {out} holds other files and no seq2seq run (no config.json); "
+                          "pass a new or empty folder")
+    print(f"note: the run in {out} is replaced at the end", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point.
 
@@ -529,11 +552,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except compile_cache.CompileCacheError as e:
         print(f"error: --compile-cache: {e}", file=sys.stderr)
         return 2
-    from train.config import ConfigError, make_output_dir
+    from train.config import ConfigError, check_output_dir
 
     try:
         if config.out:  # before training: a bad --out is found in seconds
-            make_output_dir(os.path.abspath(config.out), "--out")
+            check_output_dir(config.out, "--out")
+            _check_out(config.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -542,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if result.stopped_at is not None:
+        saved = (f"the model so far saved in {result.checkpoint}" if result.checkpoint
+                 else "nothing saved (no --out)")
+        print(f"interrupted at step {result.stopped_at} of {config.steps}: {saved}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"task {config.task}: held-out exact-sequence accuracy {result.accuracy:.4f} "
           f"({config.eval_size} sequences, lengths {config.min_len}-{config.max_len}) "
           f"after {config.steps} steps in {result.seconds:.1f} s; last train loss "
