@@ -190,6 +190,10 @@ def _one_error_line(capsys):
      "minimum"),
     (["--arch", "inception_v3", "--dataset", "digits", "--weights", "none", "--image-size",
       "224"], "in training: Inception v3's auxiliary classifier needs"),
+    (LENET + ["--freeze", "."], "freezes every parameter of lenet5: nothing would train"),
+    (LENET + ["--std", "0"], "--std finite and > 0"),
+    (LENET + ["--mean", "nan"], "--mean must be finite"),
+    (LENET + ["--mean", "0.1,0.2"], "--mean has 2 value(s) and --std 1; lenet5 takes 1 channel"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert finetune.main(args + ["--output-dir", str(tmp_path / "run")]) == 2
@@ -204,6 +208,54 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
         assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(out)]) == 2
         assert f"--output-dir {out}: {needle}" in _one_error_line(capsys)
     assert f.read_text() == "keep"
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--seed", "-1", "must be in [0, 2**32)"), ("--seed", str(2 ** 70), "must be in [0, 2**32)"),
+    ("--crop-scale-min", "0", "must be in (0, 1]"), ("--lr", "inf", "finite number >= 0"),
+    ("--lr", "abc", "invalid non-negative number value: 'abc'"),
+])
+def test_flag_values_out_of_range_are_one_line(capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as e:
+        finetune.main(LENET + [flag, value])
+    assert e.value.code == 2 and needle in _one_error_line(capsys)
+
+
+def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    args = LENET + ["--steps", "2", "--batch-size", "16", "--checkpoint-every", "1",
+                    "--output-dir", str(run)]
+    assert finetune.main(args) == 0
+    # Saves without a validation accuracy (mid-epoch) are not each one warning from Orbax.
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+    capsys.readouterr()
+    assert finetune.main(args + ["--optimizer", "adamw"]) == 2
+    assert "different run (optimizer: 'sgd' there, 'adamw' now)" in _one_error_line(capsys)
+    # Were the flags not told apart, the state itself is: one line, nothing moved.
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "optimizer": "adamw"}))
+    assert finetune.main(args + ["--optimizer", "adamw", "--steps", "3"]) == 2
+    line = _one_error_line(capsys)
+    assert "holds a state of another structure" in line and "--optimizer" in line, line
+    assert sorted(os.listdir(run / "checkpoints")) == ["1", "2"]
+
+
+def test_one_class_is_refused_and_a_lone_mean_keeps_the_default_std(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "one" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("L", (8, 8), color=i * 40).save(folder / f"{i}.png")
+    assert finetune.main(["--arch", "lenet5", "--weights", "none", "--dataset",
+                          f"folder:{tmp_path / 'one'}", "--output-dir", str(tmp_path / "r")]) == 2
+    assert "has 1 class; a classifier needs at least 2" in _one_error_line(capsys)
+    from train import config as config_lib
+
+    spec = jaxnets.get_spec("lenet5")
+    cfg = config_lib.resolve(config_lib.parse_args(LENET + ["--mean", "0.5"]), spec=spec,
+                             native_size=8, transforms=None, steps_per_epoch=10)
+    assert cfg.mean == (0.5,) and cfg.std == pytest.approx(((0.229 + 0.224 + 0.225) / 3,))
 
 
 def test_a_folder_of_other_files_is_refused_and_bad_input_writes_nothing(tmp_path, capsys):

@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["CheckpointError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
+__all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
            "RunWeights", "load_model", "locate_run", "read_run_weights", "write_model_info"]
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ UNREADABLE_SUFFIX = ".unreadable"
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a run directory could be restored."""
+
+
+class CheckpointStructureError(CheckpointError):
+    """A checkpoint is readable but holds a state of another structure than the
+    template (another optimizer setup): older steps would not fit either."""
 
 
 def _late_read_callback(unraisable) -> bool:
@@ -88,6 +93,14 @@ def _quiet_late_read_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class _NoMetricsNote(logging.Filter):
+    """Drops Orbax's warning on every save without metrics (mid-epoch and Ctrl-C
+    saves carry none by design: only epoch ends have a validation accuracy)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Requested `tracked_metric`; did not provide")
+
+
 class Checkpointer:
     """Saves and restores the train state of one run directory.
 
@@ -112,6 +125,9 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_log = logging.getLogger("absl")
+        if not any(isinstance(f, _NoMetricsNote) for f in absl_log.filters):
+            absl_log.addFilter(_NoMetricsNote())
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint, ascending."""
@@ -181,6 +197,10 @@ class Checkpointer:
                 return s, restored["state"], restored["meta"]
             except Exception as e:  # noqa: BLE001 -- any read failure means "try the previous one".
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if "tree structures do not match" in str(e):
+                    raise CheckpointStructureError(
+                        f"the checkpoint at step {s} in {self.directory} holds a state of "
+                        "another structure than this run's") from None
                 log.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous "
                             "one", s, self.directory, first[:300])
                 errors.append((s, first))

@@ -25,7 +25,9 @@ __all__ = ["Config", "ConfigError", "build_parser", "parse_args", "resolve", "sa
 
 # A run directory's checkpoints only make sense for a run that agrees on these.
 IDENTITY_FIELDS = ("arch", "weights", "dataset", "target_dataset", "image_size", "batch_size",
-                   "seed", "model_args")
+                   "seed", "model_args",
+                   # these shape the optimizer state a checkpoint holds
+                   "optimizer", "momentum", "nesterov", "clip_grad_norm", "freeze", "lr_mult")
 
 
 class ConfigError(ValueError):
@@ -111,8 +113,22 @@ def _fraction(text: str) -> float:
 
 def _nonneg_float(text: str) -> float:
     value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
+def _crop_scale(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
@@ -147,6 +163,13 @@ def _model_arg(text: str) -> tuple[str, Any]:
     except (ValueError, SyntaxError):
         parsed = {"true": True, "false": False}.get(value.lower(), value)
     return key, parsed
+
+
+# argparse names a type by its function's name in "invalid <name> value: 'x'".
+for _type, _name in ((_positive_int, "positive integer"), (_nonneg_int, "non-negative integer"),
+                     (_fraction, "fraction"), (_nonneg_float, "non-negative number"),
+                     (_seed, "seed"), (_crop_scale, "fraction")):
+    _type.__name__ = _name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize-size", type=_positive_int, default=None,
                    help="eval resize before the center crop (auto: the weights' ratio, else "
                         "image size)")
-    g.add_argument("--crop-scale-min", type=_fraction, default=None,
+    g.add_argument("--crop-scale-min", type=_crop_scale, default=None,
                    help="smallest RandomResizedCrop area fraction (auto: 0.08 for pretrained "
                         "weights, 0.35 otherwise)")
     g.add_argument("--hflip", type=_fraction, default=None,
@@ -248,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-bn-stats", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the BatchNorm running statistics of frozen layers fixed (off: "
                         "torch's requires_grad=False behaviour, statistics still update)")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and augmentation")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed of init, data order and augmentation, in [0, 2**32)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default=None,
@@ -351,17 +375,22 @@ def resolve(
     if resize_size is None:
         resize_size = (round(image_size * transforms.resize_size / transforms.crop_size)
                        if pretrained else image_size)
-    if cfg.mean is not None or cfg.std is not None:
-        mean, std = cfg.mean, cfg.std
-    elif pretrained:
+    if pretrained:
         mean, std = tuple(transforms.mean), tuple(transforms.std)
     else:
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    if mean is not None and std is not None and len(mean) == 3 and channels == 1:
+    if len(mean) == 3 and channels == 1:
         # A 1-channel model sees luma; ImageNet's per-channel stats average to it.
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    if mean is None or std is None or len(mean) != channels or len(std) != channels:
-        raise ConfigError(f"--mean/--std need {channels} values each for {spec.name}")
+    # A flag given alone replaces only its own default.
+    mean, std = cfg.mean or mean, cfg.std or std
+    if len(mean) != channels or len(std) != channels:
+        raise ConfigError(f"--mean has {len(mean)} value(s) and --std {len(std)}; {spec.name} "
+                          f"takes {channels} channel(s): give {channels} each")
+    if not all(math.isfinite(m) for m in mean) or not all(
+            math.isfinite(v) and v > 0 for v in std):
+        raise ConfigError(f"--mean must be finite and --std finite and > 0, got mean {mean}, "
+                          f"std {std}")
     if image_size < lo:
         raise ConfigError(f"--image-size {image_size} is below {spec.name}'s minimum {lo}")
     steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch

@@ -411,6 +411,9 @@ def run(cfg) -> int:
     train_src = load_dataset(cfg.dataset, split="train", **load)
     val_src = load_dataset(cfg.dataset, split="val", **load)
     num_classes = train_src.num_classes
+    if num_classes < 2:
+        raise RunError(f"--dataset {cfg.dataset} has {num_classes} class; a classifier needs "
+                       "at least 2")
     native = int(np.asarray(train_src[0][0]).shape[0])
 
     weights_meta, build_pretrained = None, None
@@ -439,6 +442,9 @@ def run(cfg) -> int:
                                     freeze_bn_stats=cfg.freeze_bn_stats)
     except ValueError as e:
         raise RunError(str(e)) from None
+    if len(groups.frozen) == len(groups.labels) and not (cfg.eval_only or cfg.steps == 0):
+        raise RunError(f"--freeze {' '.join(cfg.freeze)} freezes every parameter of "
+                       f"{cfg.arch}: nothing would train")
     tx = optim.make_optimizer(params, groups, name=cfg.optimizer, lr=cfg.lr,
                               total_steps=max(cfg.steps, 1), warmup_steps=cfg.warmup_steps,
                               schedule=cfg.schedule, momentum=cfg.momentum,
@@ -462,6 +468,10 @@ def run(cfg) -> int:
         restored = checkpointer.restore(state)
     except ckpt_lib.CheckpointError as e:
         checkpointer.close()  # else Orbax's threads fail at exit, after the error line
+        if isinstance(e, ckpt_lib.CheckpointStructureError):
+            raise RunError(f"{e}: its optimizer setup differs (--optimizer, --momentum, "
+                           "--nesterov, --clip-grad-norm, --freeze, --lr-mult, --weight-decay); "
+                           "rerun with the run's own flags or pass another --output-dir") from None
         raise RunError(str(e)) from None
     start_step = 0
     if restored is not None:

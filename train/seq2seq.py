@@ -117,8 +117,14 @@ class Config:
             problems.append(f"d_model {self.d_model} is not divisible by nhead {self.nhead}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.eval_every < 0:
-            problems.append("lr must be > 0 and weight_decay, warmup_steps, eval_every >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"--lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "eval_every"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not 0 <= self.seed < 2 ** 32:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if problems:
             raise ValueError("; ".join(problems))
 
