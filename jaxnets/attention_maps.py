@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnets import compile_cache
+from jaxnets.imageio import to_rgb
 from jaxnets.vit import VIT_VARIANTS, VisionTransformer
 
 __all__ = ["attention_weights", "attention_rollout", "class_token_attention", "main",
@@ -208,7 +209,7 @@ def _read_image(path: str) -> np.ndarray:
         raise _CliError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im))
     except (UnidentifiedImageError, OSError) as e:
         raise _CliError(f"cannot read image {path}: {e}") from e
 

@@ -419,3 +419,23 @@ def test_loader_rejects_bad_arguments():
     with pytest.raises(D.DataError, match="fewer than one batch"):
         D.Loader(source, 64)
     assert D.Loader(source, 64, drop_remainder=False).steps_per_epoch == 1
+
+
+def test_wide_samples_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG and a float TIFF decode to what they show (PIL's own RGB
+    conversion clips them: almost all white, almost all black)."""
+    from PIL import Image
+
+    from train.data import decode_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "wide.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "narrow.png")
+    narrow = decode_image(str(tmp_path / "narrow.png"), 32).astype(int)
+    for name in ("wide.png", "float.tif"):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode in ("I;16", "I", "F"), im.mode
+        decoded = decode_image(str(tmp_path / name), 32).astype(int)
+        assert decoded.shape == (32, 32, 3)
+        assert np.abs(decoded - narrow).max() <= 2, name

@@ -120,7 +120,7 @@ def fit_storage(image: Any, size: int) -> np.ndarray:
     """Resizes a PIL image so its shorter side is ``size``, keeping the central square.
 
     Args:
-        image: PIL image (any mode; converted to RGB).
+        image: PIL image (any mode; ``jaxnets.imageio.to_rgb``).
         size: Output side length.
 
     Returns:
@@ -128,8 +128,9 @@ def fit_storage(image: Any, size: int) -> np.ndarray:
     """
     from PIL import Image
 
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    from jaxnets.imageio import to_rgb
+
+    image = to_rgb(image)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) / 2.0, (height - side) / 2.0

@@ -1,0 +1,31 @@
+"""Images of any PIL mode as 8-bit RGB, without losing what they show.
+
+PIL's ``convert("RGB")`` clips wider samples to 0..255: a 16-bit PNG comes out
+almost all white, a float TIFF of 0..1 values almost all black (torchvision's own
+loader does the same). :func:`to_rgb` scales them to 8 bits first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["to_rgb"]
+
+
+def to_rgb(image: Any) -> Any:
+    """A PIL image in mode ``RGB``; 16-bit, 32-bit integer and float grayscale
+    samples are scaled to 0..255 first (16-bit: the high byte; ``I`` above 255: by
+    65535 / 255; ``F``: 0..1 taken as the full range, else clipped)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.size and values.max() > 255):
+            values = values / 257.0
+        elif mode == "F" and values.size and values.max() <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
