@@ -146,9 +146,14 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
 
     try:
+        from train.checkpoint import quiet_failed_reads, read_error
+    except ImportError:  # pragma: no cover -- train is part of this distribution
+        quiet_failed_reads, read_error = (lambda: None), _one_line
+    quiet_failed_reads()  # a damaged checkpoint's other reads end after the error
+    try:
         tree = ocp.StandardCheckpointer().restore(path.resolve())
     except Exception as e:  # orbax raises assorted types for a damaged directory
-        raise CliError(f"cannot restore Orbax checkpoint {path}: {_one_line(e)}") from None
+        raise CliError(f"cannot restore Orbax checkpoint {path}: {read_error(e)}") from None
     for _ in range(3):
         if isinstance(tree, dict) and "model" in tree and isinstance(tree["model"], dict):
             tree = tree["model"]
@@ -296,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         # loads; RuntimeError covers failed downloads.
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written by rename: nothing half-written is left
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -117,8 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{args.weights or args.arch}: {e}")
     except RuntimeError as e:
         if args.weights and "state_dict" in str(e):
-            first = str(e).strip().splitlines()[0]
-            return _fail(f"{args.weights} does not fit {args.arch}: {first}")
+            # torch's own message: a header line, then the missing and unexpected keys.
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 600 else detail[:600] + " ..."
+            return _fail(f"{args.weights} does not fit {args.arch}: {detail}")
+        raise
+    except ValueError as e:
+        if "more than 1 value per channel" in str(e):
+            return _fail(f"--batch {args.batch} leaves one value per channel in a train-mode "
+                         f"BatchNorm of {args.arch} at this input size, which torch refuses; "
+                         "use --batch 2 or more, or a larger --size")
         raise
     dt = time.perf_counter() - t0
     source = args.weights or "random init, randomised BatchNorm"

@@ -75,7 +75,7 @@ def test_export_round_trip_matches_torch(converted, tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
-def test_export_accepts_orbax_state(tmp_path):
+def test_export_accepts_orbax_state(tmp_path, capsys):
     model = build_abstract("lenet5", 7)
     materialize(model, "lenet5", 7)  # a concrete model without eager init's slow start
     for kind, state in (("state", nnx.state(model)), ("pure", nnx.to_pure_dict(nnx.state(model)))):
@@ -90,6 +90,15 @@ def test_export_accepts_orbax_state(tmp_path):
         assert exported.keys() == expected.keys()
         for k in expected:
             np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+    # Damaged (its array data gone): one short line, not tensorstore's spec dump.
+    import shutil
+
+    for d in (tmp_path / "state").rglob("d"):
+        shutil.rmtree(d)
+    err = _error(capsys, ["export", "--arch", "lenet5", "--checkpoint", str(tmp_path / "state"),
+                          "--out", str(tmp_path / "x.pth")])
+    assert "cannot restore Orbax checkpoint" in err and "tensorstore_spec" not in err, err
+    assert len(err) < 500 and not (tmp_path / "x.pth").exists()
 
 
 def _error(capsys, argv) -> str:

@@ -30,6 +30,8 @@ def test_checkpoint_from_disk(tmp_path, capsys):
     (["--arch", "resnet18", "--size", "8", "8"], "at least"),
     (["--arch", "lenet5", "--weights", "/nonexistent.pth"], "not found"),
     (["--arch", "lenet5", "--batch", "0"], "--batch"),
+    (["--arch", "resnet18", "--size", "32", "32", "--batch", "1", "--no-grads"],
+     "one value per channel"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -47,6 +49,7 @@ def test_corrupt_and_wrong_arch_checkpoints(tmp_path, capsys):
     assert main(["--arch", "lenet5", "--weights", str(other)]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "mlp.pth" in err
+    assert "Missing key(s)" in err and "conv1.weight" in err  # the keys, not a bare header
 
 
 def test_module_entry_point_exit_code():

@@ -20,7 +20,7 @@ A failed restore leaves tensorstore reads of the other arrays in flight; when
 they finish, their callbacks find Orbax's event loop already closed, and Python
 would print each one's ``RuntimeError: Event loop is closed`` traceback (42 of
 them for a LeNet-5 run), and asyncio logs their own errors as never retrieved:
-:func:`_quiet_late_read_callbacks` keeps those, and only those, off stderr from
+:func:`quiet_failed_reads` keeps those, and only those, off stderr from
 the first restore on.
 """
 
@@ -38,7 +38,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 __all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
-           "RunWeights", "load_model", "locate_run", "read_run_weights", "write_model_info"]
+           "RunWeights", "load_model", "locate_run", "quiet_failed_reads", "read_error",
+           "read_run_weights", "write_model_info"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
@@ -61,6 +62,17 @@ def _late_read_callback(unraisable) -> bool:
             and str(unraisable.exc_value) == "Event loop is closed")
 
 
+def read_error(e: BaseException) -> str:
+    """A failed read's error in one short line: its first line, without the
+    tensorstore spec (a few kB of JSON) that tensorstore's messages end with."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    for marker in (" [tensorstore_spec", "<bound method"):
+        if (i := first.find(marker)) > 0:
+            first = first[:i].rstrip(" ;:(")
+    return first if len(first) <= 300 else first[:300] + " ..."
+
+
 class _UnretrievedReadErrors(logging.Filter):
     """Drops asyncio's "exception was never retrieved" records of tensorstore reads:
     the other reads of a restore that failed on one (their errors name the same
@@ -73,7 +85,7 @@ class _UnretrievedReadErrors(logging.Filter):
                                                         "Future exception was never retrieved")))
 
 
-def _quiet_late_read_callbacks() -> None:
+def quiet_failed_reads() -> None:
     """Keep a failed restore's reads still in flight off stderr (see the module
     docstring): their ``Event loop is closed`` reports (every other unraisable
     exception goes to the hook in place before) and asyncio's records of their
@@ -182,7 +194,7 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         # Before the first attempt: a failed one's late callbacks can come before
         # its exception reaches the handler below.
-        _quiet_late_read_callbacks()
+        quiet_failed_reads()
         errors = []
         for s in candidates:
             try:
@@ -196,7 +208,7 @@ class Checkpointer:
                                 f"; moved aside: {', '.join(moved)}" if moved else "")
                 return s, restored["state"], restored["meta"]
             except Exception as e:  # noqa: BLE001 -- any read failure means "try the previous one".
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = read_error(e)
                 if "tree structures do not match" in str(e):
                     raise CheckpointStructureError(
                         f"the checkpoint at step {s} in {self.directory} holds a state of "
@@ -356,7 +368,7 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
                               f"{', '.join(map(str, steps))})")
     arch, num_classes, overrides = _run_model(run_dir)
     state_dir = os.path.join(checkpoints, str(step), "state")
-    _quiet_late_read_callbacks()
+    quiet_failed_reads()
     ck = ocp.PyTreeCheckpointer()
     try:
         absl_log = logging.getLogger("absl")
@@ -375,7 +387,7 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
                                       wanted),
             partial_restore=True))
     except Exception as e:  # noqa: BLE001 -- orbax raises assorted types for damaged files.
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = read_error(e)
         others = [s for s in steps if s != step]
         raise CheckpointError(
             f"cannot read step {step} in {checkpoints}: {first}"
