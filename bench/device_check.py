@@ -43,6 +43,8 @@ import sys
 import time
 import traceback
 
+from bench.output import strict
+
 __all__ = ["Item", "plan", "run_items", "format_report", "main"]
 
 # ResNet-50 bf16 train step, one H100-class GPU: the goal.
@@ -250,8 +252,9 @@ def format_report(rows: list[dict], header: dict) -> str:
 
 def _write(out: str, rows: list[dict], header: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    for name, text in (("device_check.json", json.dumps({"environment": header, "items": rows},
-                                                        indent=1)),
+    for name, text in (("device_check.json", json.dumps(strict({"environment": header,
+                                                               "items": rows}),
+                                                        indent=1, allow_nan=False)),
                        ("device_check.md", format_report(rows, header))):
         tmp = os.path.join(out, name + ".tmp")
         with open(tmp, "w") as f:
@@ -310,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_parity and args.skip_bench:
         print("error: --skip-parity and --skip-bench leave nothing to run", file=sys.stderr)
         return 2
+    if not args.list:
+        from train.config import ConfigError, check_output_dir
+
+        try:  # before the first item: its report goes there
+            check_output_dir(args.out, "--out")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         import jaxnets  # noqa: F401  (the machine's own flax must carry it)
     except (ImportError, AttributeError) as e:

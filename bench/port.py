@@ -160,9 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import jaxnets
 
-        jaxnets.get_spec(args.arch)
+        spec = jaxnets.get_spec(args.arch)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.runs < 1:
+        print(f"error: --runs must be >= 1, got {args.runs}", file=sys.stderr)
+        return 2
+    if not spec.torch_reference.startswith("torchvision"):
+        print(f"error: bench.port converts a torchvision checkpoint; {args.arch}'s torch "
+              f"counterpart is {spec.torch_reference}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from bench.output import json_path_problem, write_json
+
 __all__ = ["compare", "main"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -96,6 +98,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """The CLI entry point; returns the exit status."""
     args, extra = _parse(sys.argv[1:] if argv is None else argv)
+    if args.json and (problem := json_path_problem(args.json)):
+        print(f"error: --json {args.json}: {problem}", file=sys.stderr)
+        return 2
     common = ["--arch", args.arch, "--dataset", args.dataset, "--weights", args.weights,
               "--image-size", str(args.image_size), "--epochs", str(args.epochs),
               "--batch-size", str(args.batch_size), "--seed", str(args.seed),
@@ -122,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 minus bf16 top-1: {result['drop_points']:+.2f} points "
           f"(goal: within {args.max_drop:g}): {'PASS' if ok else 'FAIL'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": common, **result}, f, indent=2)
+        write_json(args.json, {"command": common, **result}, indent=2)
     return 0 if ok else 1
 
 

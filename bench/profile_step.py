@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import re
 import sys
 import tempfile
 import time
+
+from bench.output import json_path_problem, write_json
 
 _TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events that wrap or wait for operations rather than being one.
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     args = _parse(argv)
+    if args.json and (problem := json_path_problem(args.json)):
+        print(f"error: --json {args.json}: {problem}", file=sys.stderr)
+        return 2
     if args.batch < 1 or args.steps < 1 or args.top < 1:
         print("error: --batch, --steps and --top must be >= 1", file=sys.stderr)
         return 2
@@ -314,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(p, args.top))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**dataclasses.asdict(p), "by_kind": p.by_kind()}, f, indent=1)
+        write_json(args.json, {**dataclasses.asdict(p), "by_kind": p.by_kind()})
     return 0
 
 

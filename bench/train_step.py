@@ -42,12 +42,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import time
 from typing import Any, Callable
+
+from bench.output import json_path_problem, write_json
 
 __all__ = ["Result", "bench_arch", "format_table", "main"]
 
@@ -478,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         print("error: --batch and --steps must be >= 1, --warmup >= 0", file=sys.stderr)
         return 2
+    if args.json and (problem := json_path_problem(args.json)):
+        print(f"error: --json {args.json}: {problem}", file=sys.stderr)
+        return 2
     try:
         for arch in args.arch:
             jaxnets.get_spec(arch)
@@ -508,9 +512,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {torch.get_num_threads()}; cpus {os.cpu_count()}")
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{**dataclasses.asdict(r), "ratio": r.ratio,
-                        "images_per_s": r.images_per_s} for r in results], f, indent=1)
+        write_json(args.json, [{**dataclasses.asdict(r), "ratio": r.ratio,
+                                "images_per_s": r.images_per_s} for r in results])
     return 0
 
 

@@ -344,13 +344,19 @@ def _draw(out: str, image: np.ndarray, heads: np.ndarray, layer: int, rollout, c
     fig.suptitle(caption, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / (rows + 0.35),
                         wspace=0.04, hspace=0.12)
+    # Written beside, then renamed: a killed run leaves an earlier file as it was.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)),
+                       f".{os.path.basename(out)}.{os.getpid()}.tmp.png")
     try:
         # No bbox_inches="tight": the image is exactly cols x rows panels.
-        fig.savefig(out, dpi=_DPI)
+        fig.savefig(tmp, dpi=_DPI)
+        os.replace(tmp, out)
     except OSError as e:
-        raise _CliError(f"cannot write {out}: {e}") from e
+        raise _CliError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _run(args) -> None:
@@ -364,8 +370,11 @@ def _run(args) -> None:
     else:
         path = args.image
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise _CliError(f"cannot write {args.out}: it is a directory")
     if not os.path.isdir(out_dir):
-        raise _CliError(f"cannot write {args.out}: directory {out_dir} does not exist")
+        what = "is a file" if os.path.exists(out_dir) else "does not exist"
+        raise _CliError(f"cannot write {args.out}: {out_dir} {what}")
     try:  # before the first compilation
         compile_cache.enable(args.compile_cache)
     except compile_cache.CompileCacheError as e:

@@ -246,6 +246,11 @@ def test_cli_rejects_a_non_image_file_and_a_missing_out_dir(tmp_path, capsys):
     assert "error: cannot read image" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "nowhere" / "x.png")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "dir.png").mkdir()
+    assert main(["--out", str(tmp_path / "dir.png")]) == 1
+    assert "it is a directory" in capsys.readouterr().err
+    assert main(["--out", str(bad / "x.png")]) == 1
+    assert f"{bad} is a file" in capsys.readouterr().err
 
 
 def test_cli_module_fails_cleanly_on_a_bad_path(tmp_path):

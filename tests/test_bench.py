@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import jax
+import pytest
 
 from bench.train_step import bench_arch, format_table, main
 
@@ -57,8 +59,42 @@ def test_both_sides_weigh_auxiliary_classifiers_alike():
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["--arch", "lenet5", "--short", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text(), parse_constant=_no_nan)  # strict JSON
     assert row["arch"] == "lenet5" and row["batch"] == 4 and row["jax_ms"] > 0
+    assert row["compiled_ms"] is None  # not measured here (torch.compile runs on CUDA)
+
+
+def _no_nan(constant):
+    raise AssertionError(f"{constant} in a JSON file")
+
+
+def test_result_files_are_checked_first_and_written_whole(tmp_path, capsys):
+    from bench.device_check import main as device_check
+    from bench.output import json_path_problem, write_json
+    from bench.port import main as port
+
+    keep = tmp_path / "keep.json"
+    keep.write_text("[1]\n")
+    assert json_path_problem(str(tmp_path)) == f"{tmp_path} is a directory"
+    assert "does not exist" in json_path_problem(str(tmp_path / "no" / "x.json"))
+    assert json_path_problem(str(keep)) is None
+    with pytest.raises(TypeError):  # not JSON: the earlier file stays, no temporary left
+        write_json(str(keep), [object()])
+    assert keep.read_text() == "[1]\n" and os.listdir(tmp_path) == ["keep.json"]
+    write_json(str(keep), {"a": [1.5, float("nan"), (float("inf"), 2)]})
+    assert json.loads(keep.read_text(), parse_constant=_no_nan) == {"a": [1.5, None, [None, 2]]}
+    # Before any measuring: one line each.
+    for argv, needle in ((["--arch", "lenet5", "--short", "--json", str(tmp_path)],
+                          "is a directory"),
+                         (["--arch", "lenet5", "--short", "--json", str(tmp_path / "no/x.json")],
+                          "does not exist")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --json") and needle in err and "\n" not in err
+    assert device_check(["--short", "--out", str(keep)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {keep}: a file, not a directory"
+    assert port(["--arch", "lenet5"]) == 2
+    assert "converts a torchvision checkpoint" in capsys.readouterr().err
 
 
 def test_cli_bad_input_is_one_line(capsys):
