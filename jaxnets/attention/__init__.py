@@ -335,12 +335,3 @@ class MultiheadAttention(nnx.Module):
             out = jnp.swapaxes(out, 0, 1)
         return out, weights
 
-
-if __name__ == "__main__":
-    # `python -m jaxnets.attention --arch vit_b_16 --image PATH --out FILE.png`:
-    # the attention-map tool lives in jaxnets.attention_maps.
-    import sys
-
-    from jaxnets.attention_maps import main
-
-    sys.exit(main())
