@@ -191,6 +191,7 @@ def _one_error_line(capsys):
     (["--arch", "inception_v3", "--dataset", "digits", "--weights", "none", "--image-size",
       "224"], "in training: Inception v3's auxiliary classifier needs"),
     (LENET + ["--freeze", "."], "freezes every parameter of lenet5: nothing would train"),
+    (LENET + ["--image-size", "40"], "lenet5 takes 32x32 inputs only"),
     (LENET + ["--std", "0"], "--std finite and > 0"),
     (LENET + ["--mean", "nan"], "--mean must be finite"),
     (LENET + ["--mean", "0.1,0.2"], "--mean has 2 value(s) and --std 1; lenet5 takes 1 channel"),
@@ -214,6 +215,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     ("--seed", "-1", "must be in [0, 2**32)"), ("--seed", str(2 ** 70), "must be in [0, 2**32)"),
     ("--crop-scale-min", "0", "must be in (0, 1]"), ("--lr", "inf", "finite number >= 0"),
     ("--lr", "abc", "invalid non-negative number value: 'abc'"),
+    ("--model-arg", "num_classes=5", "the class count comes from the dataset"),
 ])
 def test_flag_values_out_of_range_are_one_line(capsys, flag, value, needle):
     with pytest.raises(SystemExit) as e:
@@ -226,9 +228,12 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     args = LENET + ["--steps", "2", "--batch-size", "16", "--checkpoint-every", "1",
                     "--output-dir", str(run)]
     assert finetune.main(args) == 0
+    assert "lenet5: random init (--weights none)" in capsys.readouterr().err
+    # An evaluation of the run names its checkpoint, not how the run began.
+    assert finetune.main(args + ["--eval-only"]) == 0
+    assert "lenet5: step 2 of this run;" in capsys.readouterr().err
     # Saves without a validation accuracy (mid-epoch) are not each one warning from Orbax.
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
-    capsys.readouterr()
     assert finetune.main(args + ["--optimizer", "adamw"]) == 2
     assert "different run (optimizer: 'sgd' there, 'adamw' now)" in _one_error_line(capsys)
     # Were the flags not told apart, the state itself is: one line, nothing moved.

@@ -158,6 +158,10 @@ def _model_arg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if key in ("num_classes", "seed"):
+        raise argparse.ArgumentTypeError(
+            f"{key} is not a --model-arg: the class count comes from the dataset, the seed "
+            "from --seed")
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):

@@ -197,6 +197,11 @@ def check_input_size(cfg, spec, num_classes: int, weights_meta=None) -> None:
         try:
             jax.eval_shape(functools.partial(forward, train=train), state, x)
         except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+            if "dot_general requires contracting dimensions" in str(e):
+                # A flatten into a dense layer (LeNet-5): the size is fixed, say which.
+                side = "x".join(map(str, spec.input_size[:2]))
+                raise RunError(f"{cfg.arch} takes {side} inputs only (a flattened map feeds "
+                               f"its classifier), not --image-size {cfg.image_size}") from None
             raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
                            f"{' in training' if train else ''}: "
                            f"{str(e).splitlines()[0][:300]}") from None
@@ -483,6 +488,10 @@ def run(cfg) -> int:
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
             **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
+    if restored is not None:
+        load_report = f"step {start_step} of this run"
+    elif cfg.eval_only and cfg.weights.lower() == "none":
+        load_report = "random init (--weights none, no checkpoint here): evaluating untrained"
     distributed.print0(f"{cfg.arch}: {load_report}; {groups.summary()}; {len(train_src)} train / "
           f"{len(val_src)} val images, {num_classes} classes, {cfg.image_size}px, {cfg.precision}, {mesh.size} device(s) in "
         f"{pcount} process(es)", file=sys.stderr)
