@@ -142,8 +142,9 @@ def test_skip_bad_counts_and_substitutes(tmp_path):
     [
         ("imagenet", None, r"unknown dataset spec 'imagenet'"),
         ("{tmp}/missing", None, r"image folder .*/missing does not exist"),
-        ("{tmp}", "empty_class", r"class folder .*/eel has no .jpg/.jpeg/.png images"),
+        ("{tmp}", "empty_class", r"class folder .*/eel has no .jpg/.jpeg/.png/.* images"),
         ("{tmp}", "no_classes", r"image folder .* has no class subfolders"),
+        ("{tmp}", "train_only", r"image folder .* has a train/ folder but no val/: give both"),
         (
             "tfds:no_such_dataset_xyz",
             None,
@@ -159,6 +160,8 @@ def test_bad_input_one_clear_line(tmp_path, spec, setup, message):
             f.unlink()
     elif setup == "no_classes":
         (tmp_path / "x.png").write_bytes(b"")
+    elif setup == "train_only":
+        _write_folder(tmp_path / "train")
     with pytest.raises(D.DataError, match=message) as info:
         D.load_dataset(spec.format(tmp=tmp_path), split="train")
     assert "\n" not in str(info.value)
@@ -439,3 +442,19 @@ def test_wide_samples_are_scaled_not_clipped(tmp_path):
         decoded = decode_image(str(tmp_path / name), 32).astype(int)
         assert decoded.shape == (32, 32, 3)
         assert np.abs(decoded - narrow).max() <= 2, name
+
+
+def test_folder_takes_imagefolder_extensions_and_nested_files(tmp_path):
+    """As torchvision's ImageFolder: its extensions, and images in subfolders of a
+    class folder; hidden files and folders are left out."""
+    files = _write_folder(tmp_path)
+    extra = [tmp_path / "cat" / "more" / "deep.bmp", tmp_path / "dog" / "x.webp",
+             tmp_path / "eel" / "y.TIFF"]
+    for path in extra:
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (10, 10), (1, 2, 3)).save(path)
+    (tmp_path / "cat" / ".hidden").mkdir()
+    Image.new("RGB", (10, 10)).save(tmp_path / "cat" / ".hidden" / "h.png")
+    found = [f for split in ("train", "val")
+             for f in D.load_dataset(str(tmp_path), split=split).files]
+    assert sorted(found) == sorted(files + [str(p) for p in extra])

@@ -16,9 +16,10 @@ Dataset specs (``--dataset``):
   (``train[:90%]`` / ``train[90%:]`` for ``val_fraction=0.1``), so the test
   split stays untouched unless named.
 * ``folder:PATH`` or a bare PATH -- an image folder: one subfolder per class
-  with ``.jpg/.jpeg/.png`` files, class index = position of the folder name
-  in sorted order (as torchvision's ``ImageFolder``). If PATH has both
-  ``train/`` and ``val/`` subfolders those are the splits; otherwise every
+  with image files (ImageFolder's extensions, nested folders included), class
+  index = position of the folder name in sorted order (as torchvision's
+  ``ImageFolder``). If PATH has both ``train/`` and ``val/`` subfolders those
+  are the splits (one without the other is an error); otherwise every
   class is split by a seeded stratified shuffle holding out ``val_fraction``
   (default 10%) of its files.
 
@@ -59,7 +60,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# torchvision's ImageFolder's list (``torchvision.datasets.folder.IMG_EXTENSIONS``).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_STORAGE_SIZE = 256
 _SPLITS = ("train", "val")
 
@@ -416,11 +418,14 @@ def _load_digits(split: str, seed: int, val_fraction: float) -> ArraySource:
 
 
 def _list_images(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-    )
+    """A class folder's images, its subfolders' included (as ImageFolder); hidden
+    files and folders are left out."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(parent, f) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
 
 
 def _class_folders(root: str) -> list[str]:
@@ -457,6 +462,10 @@ def _load_folder(path, split, seed, val_fraction, storage_size, skip_bad) -> Fol
         raise DataError(f"image folder {root} does not exist or is not a directory")
     name = os.path.basename(os.path.normpath(root))
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(train_dir) != os.path.isdir(val_dir):
+        have, lack = ("train", "val") if os.path.isdir(train_dir) else ("val", "train")
+        raise DataError(f"image folder {root} has a {have}/ folder but no {lack}/: give both, "
+                        f"or put the class folders directly in {root}")
     if os.path.isdir(train_dir) and os.path.isdir(val_dir):
         _, _, class_names = _scan_folder(train_dir)
         files, labels, _ = _scan_folder(train_dir if split == "train" else val_dir, class_names)
