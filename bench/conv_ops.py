@@ -32,14 +32,13 @@ gather) and torch's.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from bench import train_step
+from jaxnets.cli import ArgumentParser
 from jaxnets.layers import (BatchNorm, _conv_weight_grad, _pool_pads, conv_general_dilated,
                             dot_general, dot_product_attention, max_pool2d)
 
@@ -294,7 +293,7 @@ def main(argv=None) -> int:
     from jaxnets.xla_cpu import prepare_cpu
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bench.conv_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=56, help="side of the first stage's maps")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per figure (median)")

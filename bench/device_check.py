@@ -288,7 +288,7 @@ def environment() -> dict:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.device_check",
+    p = _Parser(prog="python -m bench.device_check",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "device_check",
                    help="folder for device_check.json and .md (default: $OUT, else "
@@ -302,6 +302,14 @@ def _parse(argv):
     p.add_argument("--short", action="store_true", help="LeNet-5 only, tiny sizes (CPU smoke)")
     p.add_argument("--list", action="store_true", help="print the items in order and exit")
     return p.parse_args(argv)
+
+
+class _Parser(argparse.ArgumentParser):
+    """One-line usage errors (``jaxnets.cli.ArgumentParser``'s, without importing
+    jaxnets: an old flax on the machine is reported by ``main``, not a traceback)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,12 @@ float64 on both sides.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import numpy as np
+
+from jaxnets.cli import ArgumentParser
 
 __all__ = ["gradient_errors", "main"]
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       The exit status.
     """
-    p = argparse.ArgumentParser(prog="python -m bench.grad_conditioning",
+    p = ArgumentParser(prog="python -m bench.grad_conditioning",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, nargs="+", default=[160, 192],

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxnets.cli import ArgumentParser
+
 __all__ = ["main", "make_checkpoint", "measure"]
 
 _GOAL_SECONDS = 2.0
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
       Exit status (1 when a goal is missed).
     """
-    parser = argparse.ArgumentParser(prog="python -m bench.port", description=__doc__,
+    parser = ArgumentParser(prog="python -m bench.port", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50", help="torchvision/jaxnets model name")
     parser.add_argument("--runs", type=int, default=5, help="warm repetitions")

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 from bench.output import json_path_problem, write_json
+from jaxnets.cli import ArgumentParser
 
 __all__ = ["compare", "main"]
 
@@ -72,7 +73,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m bench.precision",
         description="Train the same model with --precision fp32 and bf16 and compare the "
                     "held-out top-1. Arguments after -- go to train.finetune as they are.",

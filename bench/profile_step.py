@@ -26,7 +26,6 @@ machine: compare shares, not absolute figures.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import os
@@ -36,6 +35,7 @@ import tempfile
 import time
 
 from bench.output import json_path_problem, write_json
+from jaxnets.cli import ArgumentParser
 
 _TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events that wrap or wait for operations rather than being one.
@@ -270,7 +270,7 @@ def format_report(p: Profile, top: int = 20, fusions: int = 5) -> str:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.profile_step",
+    p = ArgumentParser(prog="python -m bench.profile_step",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet18_cifar", help="a registry name")
     p.add_argument("--batch", type=int, default=32)

@@ -39,7 +39,6 @@ CUDA when available.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -49,6 +48,7 @@ import time
 from typing import Any, Callable
 
 from bench.output import json_path_problem, write_json
+from jaxnets.cli import ArgumentParser
 
 __all__ = ["Result", "bench_arch", "format_table", "main"]
 
@@ -432,7 +432,7 @@ def format_table(results: list[Result]) -> str:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split(
+    p = ArgumentParser(prog="python -m bench.train_step", description=__doc__.split(
         "\n")[0])
     p.add_argument("--arch", nargs="+", default=["resnet18_cifar"], help="registry names")
     p.add_argument("--batch", type=int, default=32)

@@ -14,7 +14,6 @@ over an image::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnets import compile_cache
+from jaxnets.cli import ArgumentParser
 from jaxnets.imageio import to_rgb
 from jaxnets.vit import VIT_VARIANTS, VisionTransformer
 
@@ -174,7 +174,7 @@ class _CliError(Exception):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m jaxnets.attention",
         description="Draw a Vision Transformer's attention maps over an image.")
     p.add_argument("--arch", default="vit_b_16",

@@ -24,10 +24,11 @@ import sys
 import time
 
 from jaxnets import compile_cache
+from jaxnets.cli import ArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m porting.verify",
         description="Port a torchvision/PyTorch model to jaxnets and compare both in fp32 "
                     "(outputs, BatchNorm statistics) and float64 (gradients).")

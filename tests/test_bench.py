@@ -294,3 +294,24 @@ def test_device_check_plan_covers_every_model():
     assert {i.arch for i in items if i.kind == "bench"} == {
         "lenet5", "resnet18_cifar", "resnet50", "vit_b_16", "transformer"}
     assert device_check(["--skip-parity", "--skip-bench"]) == 2
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("porting.verify", ["--batch", "x"]),
+    ("jaxnets.attention_maps", ["--head-fusion", "sum", "--out", "x.png"]),
+    ("bench.train_step", ["--precision", "fp16"]),
+    ("bench.profile_step", ["--steps", "x"]),
+    ("bench.conv_ops", ["--nope"]),
+    ("bench.device_check", ["--nope"]),
+    ("bench.port", ["--runs", "x"]),
+    ("bench.precision", ["--nope"]),
+    ("bench.grad_conditioning", ["--nope"]),
+])
+def test_usage_errors_are_one_line(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"(see python -m {module.replace('_maps', '')} --help)" in err
