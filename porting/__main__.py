@@ -262,7 +262,11 @@ def _weights(args: argparse.Namespace) -> None:
 
     names = list_weights(args.arch)
     if args.arch is not None and not names:
-        get_weights(args.arch)  # raises with the list of archs that have weights
+        import jaxnets
+
+        jaxnets.get_spec(args.arch)  # an unknown name: the registry's error, with suggestions
+        raise CliError(f"{args.arch} has no pretrained weights in the table (torchvision "
+                       "publishes none for it)")
         raise CliError(f"{args.arch} has weights in the table but is not registered in jaxnets")
     for name in names:
         w = get_weights(name)

@@ -149,6 +149,11 @@ def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
     assert keep.read_text() == "mine"
 
 
+def test_weights_of_a_model_without_any(capsys):
+    assert "lenet5 has no pretrained weights" in _error(capsys, ["weights", "--arch", "lenet5"])
+    assert "unknown model 'lenet6'" in _error(capsys, ["weights", "--arch", "lenet6"])
+
+
 def test_usage_errors_are_one_line(capsys):
     assert "--out" in _error(capsys, ["convert", "--arch", "resnet18"])
     assert "invalid choice" in _error(capsys, ["frobnicate"])
