@@ -632,10 +632,16 @@ def load_torchvision(arch: str, weights: Any = "DEFAULT", *, num_classes: int | 
         source_notes.append(_write_cache(entry, w, model, report, sd, file))
     fresh = materialize(model, arch, nc, seed, **overrides)
     report.notes = source_notes + report.notes
-    if fresh:
-        shown = ", ".join(fresh[:4]) + (", ..." if len(fresh) > 4 else "")
-        report.notes.append(f"freshly initialised {len(fresh)} variables the checkpoint does "
+    # Dropout's RNG state (``...rngs.key``/``.count``) is in no checkpoint, torch's
+    # included: seeded, not a weight left out.
+    rng = [p for p in fresh if ".rngs." in f".{p}"]
+    weights = [p for p in fresh if p not in rng]
+    if weights:
+        shown = ", ".join(weights[:4]) + (", ..." if len(weights) > 4 else "")
+        report.notes.append(f"freshly initialised {len(weights)} variables the checkpoint does "
                             f"not hold ({shown})")
+    if rng:
+        report.notes.append(f"dropout RNG state seeded ({len(rng)} variables, seed {seed})")
     return model, report
 
 
