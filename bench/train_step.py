@@ -482,19 +482,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and (problem := json_path_problem(args.json)):
         print(f"error: --json {args.json}: {problem}", file=sys.stderr)
         return 2
-    try:
+    if args.size is not None and args.size < 1:
+        print(f"error: --size must be >= 1, got {args.size}", file=sys.stderr)
+        return 2
+    plans = []
+    try:  # every model checked before the first is measured
         for arch in args.arch:
-            jaxnets.get_spec(arch)
-    except jaxnets.UnknownModelError as e:
+            spec = jaxnets.get_spec(arch)
+            batch, size, steps, warmup = args.batch, args.size, args.steps, args.warmup
+            if args.short:
+                batch, steps, warmup = min(batch, 4), min(steps, 3), min(warmup, 1)
+                if size is None:
+                    size = 8 if spec.kind == "sequence" else max(spec.min_size[0], 16)
+            step_setup(arch, size, "bench.train_step times")
+            plans.append((arch, batch, size, steps, warmup))
+    except (jaxnets.UnknownModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = []
-    for arch in args.arch:
-        spec = jaxnets.get_spec(arch)
-        batch, size, steps, warmup = args.batch, args.size, args.steps, args.warmup
-        if args.short:
-            batch, steps, warmup = min(batch, 4), min(steps, 3), min(warmup, 1)
-            size = size or (8 if spec.kind == "sequence" else max(spec.min_size[0], 16))
+    for arch, batch, size, steps, warmup in plans:
         try:
             r = bench_arch(arch, batch=batch, size=size, precision=args.precision, steps=steps,
                            warmup=warmup, compile_too=_compile_wanted(args),

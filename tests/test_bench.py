@@ -104,6 +104,12 @@ def test_cli_bad_input_is_one_line(capsys):
     assert main(["--arch", "lenet5", "--size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: lenet5 needs inputs of at least 32 pixels, got 8"
+    # Every model is checked before the first is measured (no lenet5 line here).
+    assert main(["--short", "--arch", "lenet5", "mlp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: mlp is a 'vector' model") and "\n" not in err
+    assert main(["--short", "--arch", "lenet5", "--size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --size must be >= 1, got 0"
 
 
 def _assert_timed(rows, keys, count):
