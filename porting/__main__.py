@@ -174,7 +174,7 @@ def _locate_run(path: Path):
 
 def _export(args: argparse.Namespace) -> None:
     import jaxnets
-    from porting import pretrained
+    from porting import hub, pretrained
     from porting.state_dict import to_torch_state_dict
 
     if args.arch is not None:
@@ -251,6 +251,7 @@ def _export(args: argparse.Namespace) -> None:
             torch.save(collections.OrderedDict(
                 (k, torch.from_numpy(np.require(v, requirements="CW"))) for k, v in state.items()),
                 tmp)
+        hub.usual_permissions(tmp)
         os.replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -33,6 +33,19 @@ class DownloadError(RuntimeError):
     """A checkpoint could not be downloaded or failed its hash check."""
 
 
+
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Gives a file written by ``tempfile`` (mode 0600, folders 0700) the mode a
+    plain ``open`` would have, 0666 (folders 0777) less the umask, so that a
+    checkpoint or converted folder moved into place is as readable as any other
+    file (a cache shared by a group, a file copied elsewhere). Folders: their
+    entries too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
 def torch_home() -> Path:
     """Torch's cache root, resolved exactly as ``torch.hub._get_torch_home`` does.
 
@@ -109,6 +122,7 @@ def download_url_to_file(url: str, dst: str | os.PathLike, hash_prefix: str | No
                 raise DownloadError(
                     f"hash mismatch for {url}: sha256 {digest[:len(hash_prefix)]}... but the "
                     f"file name expects {hash_prefix}...; the download was discarded")
+        usual_permissions(tmp)
         os.replace(tmp, dst)
     except BaseException:
         # Also on KeyboardInterrupt: a partial file must never look like a checkpoint.

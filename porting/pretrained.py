@@ -342,6 +342,7 @@ def write_converted(path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapp
     try:
         save_safetensors(flat, tmp / _TENSORS)
         (tmp / _META).write_text(json.dumps({"format": CONVERTED_FORMAT, **meta}, indent=1))
+        hub.usual_permissions(tmp)
         if path.exists():
             if not replace:
                 shutil.rmtree(tmp)

@@ -71,6 +71,9 @@ def test_download_verifies_and_lands_in_cache(server, tmp_path):
     assert path == tmp_path / name
     assert path.read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not tempfile's 0600
 
 
 def test_hash_mismatch_leaves_nothing(server, tmp_path):

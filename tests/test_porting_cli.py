@@ -53,6 +53,11 @@ def _same_logits(reference: torch.nn.Module, state_dict) -> None:
 
 def test_convert_writes_documented_format(converted):
     _, pth, out = converted
+    # As readable as any file the user writes (tempfile's own modes are 0700/0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
     flat, meta = read_converted(out)
     assert meta["arch"] == "resnet18" and meta["num_classes"] == 1000
     assert meta["source"] == str(pth.resolve())
