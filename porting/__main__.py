@@ -108,6 +108,12 @@ def _convert(args: argparse.Namespace) -> None:
     jaxnets.get_spec(args.arch)
     if args.num_classes is not None and args.num_classes <= 0:
         raise CliError(f"--num-classes must be positive, got {args.num_classes}")
+    out = args.out
+    if out.exists() and not (out.is_dir() and (pretrained.is_converted(out)
+                                               or not any(out.iterdir()))):
+        # Before any reading or converting (write_converted would refuse it at the end).
+        raise CliError(f"--out {out} exists and is not a converted directory (no "
+                       "jaxnets.json); not replacing it")
     model, report = pretrained.load_torchvision(
         args.arch, args.weights, num_classes=args.num_classes, seed=args.seed,
         cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -182,6 +188,10 @@ def _export(args: argparse.Namespace) -> None:
     suffix = args.out.suffix
     if suffix not in (".pth", ".pt", ".safetensors"):
         raise CliError(f"--out must end in .pth, .pt or .safetensors, got {args.out.name}")
+    if args.out.is_dir():
+        raise CliError(f"--out {args.out} is a directory")
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise CliError(f"--num-classes must be positive, got {args.num_classes}")
     ckpt = args.checkpoint
     if not ckpt.is_dir():
         raise CliError(f"checkpoint directory not found: {ckpt}")

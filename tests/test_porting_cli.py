@@ -151,6 +151,12 @@ def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
     capsys.readouterr()
     assert "cannot create" in _error(capsys, export + ["--arch", "resnet18", "--out",
                                                        str(keep / "x.pth")])
+    (tmp_path / "d.pth").mkdir()
+    assert f"--out {tmp_path / 'd.pth'} is a directory" in _error(
+        capsys, export + ["--arch", "resnet18", "--out", str(tmp_path / "d.pth")])
+    assert "--num-classes must be positive" in _error(
+        capsys, export + ["--arch", "resnet18", "--num-classes", "0", "--out",
+                          str(tmp_path / "n.pth")])
     assert keep.read_text() == "mine"
 
 
