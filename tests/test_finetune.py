@@ -216,6 +216,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     ("--crop-scale-min", "0", "must be in (0, 1]"), ("--lr", "inf", "finite number >= 0"),
     ("--lr", "abc", "invalid non-negative number value: 'abc'"),
     ("--model-arg", "num_classes=5", "the class count comes from the dataset"),
+    ("--val-fraction", "0", "must be in (0, 1)"), ("--val-fraction", "1", "must be in (0, 1)"),
 ])
 def test_flag_values_out_of_range_are_one_line(capsys, flag, value, needle):
     with pytest.raises(SystemExit) as e:

@@ -132,6 +132,13 @@ def _crop_scale(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1): both splits need images, got {text}")
+    return value
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -172,7 +179,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
 # argparse names a type by its function's name in "invalid <name> value: 'x'".
 for _type, _name in ((_positive_int, "positive integer"), (_nonneg_int, "non-negative integer"),
                      (_fraction, "fraction"), (_nonneg_float, "non-negative number"),
-                     (_seed, "seed"), (_crop_scale, "fraction")):
+                     (_seed, "seed"), (_crop_scale, "fraction"), (_open_fraction, "fraction")):
     _type.__name__ = _name
 
 
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'digits', 'tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]', 'folder:PATH' or a PATH "
                         "(see train/data.py)")
     g.add_argument("--data-dir", default=None, help="TFDS data directory")
-    g.add_argument("--val-fraction", type=_fraction, default=None,
+    g.add_argument("--val-fraction", type=_open_fraction, default=None,
                    help="held-out fraction where a val split is carved (auto: 0.2 digits, 0.1 "
                         "otherwise)")
     g.add_argument("--target-dataset", default=None,
