@@ -458,3 +458,11 @@ def test_folder_takes_imagefolder_extensions_and_nested_files(tmp_path):
     found = [f for split in ("train", "val")
              for f in D.load_dataset(str(tmp_path), split=split).files]
     assert sorted(found) == sorted(files + [str(p) for p in extra])
+
+
+def test_tfds_errors_end_cleanly():
+    e = ValueError("Random access data source for file format FileFormat.TFRECORD is not "
+                   "supported. Possible root causes:\n  - the dataset was built as tfrecord\n")
+    assert D._tfds_error(e) == ("Random access data source for file format FileFormat.TFRECORD "
+                                "is not supported.")
+    assert D._tfds_error(ValueError()) == "ValueError"

@@ -479,7 +479,9 @@ def _load_folder(path, split, seed, val_fraction, storage_size, skip_bad) -> Fol
 
 def _tfds_error(e: Exception) -> str:
     lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    first = lines[0] if lines else type(e).__name__
+    # tfds ends some first lines with the header of a list that follows.
+    return first.removesuffix(" Possible root causes:").rstrip()
 
 
 @contextlib.contextmanager
@@ -502,7 +504,25 @@ def _tfds_scratch():
             tempfile.tempdir = saved
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """tfds warns through absl about what the error line then says (a folder with
+    no ``dataset_info.json``: not prepared)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
 def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
+    with _absl_errors_only():
+        return _open_tfds(parsed, split, data_dir, val_fraction, storage_size)
+
+
+def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
     import tensorflow_datasets as tfds
 
     try:
