@@ -252,7 +252,8 @@ def _model_from_state_dict(arch: str, state_dict: dict):
     try:
         report = load_torch_state_dict(model, state_dict)
     except PortingError as e:
-        raise _CliError(" ".join(line.strip() for line in str(e).splitlines())) from e
+        text = " ".join(line.strip() for line in str(e).splitlines())
+        raise _CliError(text if len(text) <= 1500 else text[:1500] + " ...") from e
     materialize(model, arch, num_classes, 0, **overrides)
     return model, notes + [str(report)]
 

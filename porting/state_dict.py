@@ -297,8 +297,11 @@ def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
     if report.mismatched:
         lines.append(f"  {len(report.mismatched)} shape mismatch: " + ", ".join(
             f"{k} expected {list(e)} got {list(g)}" for k, e, g in report.mismatched))
-        lines.append("  (a checkpoint with another class count: pass num_classes to get a "
-                     "fresh head, or ignore=(<head regex>,))")
+        if all(len(e) == len(g) and tuple(e[1:]) == tuple(g[1:])
+               for _, e, g in report.mismatched):
+            # Only output counts differ: what another class count looks like.
+            lines.append("  (a checkpoint with another class count: pass num_classes to get "
+                         "a fresh head, or ignore=(<head regex>,))")
     return "\n".join(lines)
 
 

@@ -91,6 +91,10 @@ def test_shape_mismatch_names_key_and_shapes_even_when_not_strict(lenet_pair):
     for strict in (True, False):
         with pytest.raises(PortingError, match=r"fc2\.weight expected \[84, 120\] got \[84, 121\]"):
             load_torch_state_dict(model, sd, strict=strict)
+    # An input width differs, not an output count: no class-count hint.
+    with pytest.raises(PortingError) as e:
+        load_torch_state_dict(model, sd)
+    assert "num_classes" not in str(e.value)
 
 
 def test_wrong_num_classes_suggests_the_fix():
