@@ -438,7 +438,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ca
                     "--output-dir", run_dir]
     assert finetune.main(args) == 1
     err = capsys.readouterr().err
-    assert "error: loss is nan at step 16" in err and "step 10" in err
+    assert "error: loss is nan at step 15" in err and "step 10" in err
     assert _steps_saved(run_dir) == [10]
     _, state = _restore_any(run_dir)
     assert all(np.isfinite(v).all() for v in state["params"].values())

@@ -300,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train metrics logged every N steps")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a progress bar")
-    g.add_argument("--debug-nan-at-step", type=_nonneg_int, default=None, metavar="N",
-                   help="debugging: make one parameter NaN before step N, to exercise the "
-                        "non-finite-loss stop")
+    g.add_argument("--debug-nan-at-step", type=_positive_int, default=None, metavar="N",
+                   help="debugging: make one parameter NaN before step N (counted from 1, as "
+                        "the logs count), to exercise the non-finite-loss stop")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="compute precision of the steps: bf16 runs forward/backward in bfloat16 "
                         "while parameters, optimizer state and BatchNorm statistics stay float32")

@@ -543,7 +543,7 @@ def run(cfg) -> int:
                     batch["target_image"] = next(target_it)["image"]
                 local_images = len(batch["label"])
                 batch = distributed.global_batch(batch, mesh)
-                if cfg.debug_nan_at_step is not None and step == cfg.debug_nan_at_step:
+                if cfg.debug_nan_at_step is not None and step + 1 == cfg.debug_nan_at_step:
                     state = _poison(state)
                 state, m = train_step(state, batch)
                 loss = float(m["loss"])
