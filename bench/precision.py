@@ -82,13 +82,13 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dataset", default="digits", help="train.finetune --dataset")
     p.add_argument("--weights", default="none", help="train.finetune --weights")
     p.add_argument("--image-size", type=int, default=16, help="input size fed to the model")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of each run")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of both runs")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="largest fp32-minus-bf16 top-1 difference, in points, that passes")
     p.add_argument("--output-dir", default=None,
-                   help="keep both run folders here (default: a temporary folder)")
+                   help="keep both run folders here; when not given, a temporary folder")
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 1:

@@ -271,14 +271,16 @@ def format_report(p: Profile, top: int = 20, fusions: int = 5) -> str:
 
 def _parse(argv):
     p = ArgumentParser(prog="python -m bench.profile_step",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18_cifar", help="a registry name")
-    p.add_argument("--batch", type=int, default=32)
+                       description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet18_cifar",
+                   help="a registry name (default: resnet18_cifar)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     p.add_argument("--size", type=int, default=None,
                    help="image side (sequence length for transformer); spec default if unset")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, default=2, help="profiled steps")
-    p.add_argument("--top", type=int, default=20, help="operations listed")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bfloat16 compute, float32 parameters (default: fp32)")
+    p.add_argument("--steps", type=int, default=2, help="profiled steps (default: 2)")
+    p.add_argument("--top", type=int, default=20, help="operations listed (default: 20)")
     p.add_argument("--json", default=None, help="write the profile to this JSON file")
     return p.parse_args(argv)
 

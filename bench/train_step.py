@@ -1,7 +1,7 @@
 """Train-step and inference throughput of a jaxnets model next to its PyTorch reference.
 
 ``python -m bench.train_step --arch resnet18_cifar --batch 64 [--size 32]
-[--precision fp32|bf16] [--steps 20] [--warmup 3] [--short] [--json OUT]``
+[--precision fp32|bf16] [--steps 10] [--warmup 2] [--short] [--json OUT]``
 
 For each ``--arch``, in one process, on the same batch:
 
@@ -434,13 +434,16 @@ def format_table(results: list[Result]) -> str:
 def _parse(argv):
     p = ArgumentParser(prog="python -m bench.train_step", description=__doc__.split(
         "\n")[0])
-    p.add_argument("--arch", nargs="+", default=["resnet18_cifar"], help="registry names")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--arch", nargs="+", default=["resnet18_cifar"],
+                   help="registry names (default: resnet18_cifar)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     p.add_argument("--size", type=int, default=None,
                    help="image side (sequence length for transformer); spec default if unset")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: bfloat16 compute, float32 parameters (default: fp32)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps after the first (default: 2)")
     p.add_argument("--short", action="store_true",
                    help="tiny batch/size/steps and no torch.compile (CI smoke run)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
