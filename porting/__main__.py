@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("weights", help="list the pretrained weights names")
     w.add_argument("--arch", default=None, help="only this arch")
+    # Listed for --help only: main() hands "verify ..." to porting.verify before parsing.
+    sub.add_parser("verify", help="parity of a model with torch (python -m porting.verify "
+                                  "--help)", add_help=False)
     return parser
 
 

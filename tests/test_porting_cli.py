@@ -165,6 +165,11 @@ def test_weights_of_a_model_without_any(capsys):
     assert "unknown model 'lenet6'" in _error(capsys, ["weights", "--arch", "lenet6"])
 
 
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    assert "{convert,export,weights,verify}" in capsys.readouterr().out
+
+
 def test_usage_errors_are_one_line(capsys):
     assert "--out" in _error(capsys, ["convert", "--arch", "resnet18"])
     assert "invalid choice" in _error(capsys, ["frobnicate"])

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -114,8 +115,13 @@ def load_checkpoint_into(model, spec, state_dict: dict[str, np.ndarray], what: s
         try:
             report = load_torch_state_dict(model, state_dict, strict=True, ignore=(spec.head,))
         except PortingError:
-            raise RunError(f"{what} does not fit {spec.name}: "
-                           + " ".join(str(first).split("\n")[:2])[:400]) from None
+            # porting's message without its own "state_dict does not fit X:" lead, cut
+            # between keys.
+            detail = " ".join(str(first).split())
+            detail = re.sub(r"^state_dict does not fit \w+:\s*", "", detail)
+            if len(detail) > 600:
+                detail = detail[:detail.rfind(", ", 0, 600)] + ", ..."
+            raise RunError(f"{what} does not fit {spec.name}: {detail}") from None
         return f"{report} (head {spec.head!r} replaced: class count differs)"
 
 
