@@ -37,9 +37,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC", "UNREADABLE_SUFFIX", "MODEL_INFO",
-           "RunWeights", "load_model", "locate_run", "quiet_failed_reads", "read_error",
-           "read_run_weights", "write_model_info"]
+from train.quiet import absl_errors_only
+
+__all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC",
+           "UNREADABLE_SUFFIX", "MODEL_INFO", "RunWeights", "load_model", "locate_run", "model_of",
+           "quiet_failed_reads", "read_error", "read_run_weights", "write_model_info"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
@@ -371,13 +373,8 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
     quiet_failed_reads()
     ck = ocp.PyTreeCheckpointer()
     try:
-        absl_log = logging.getLogger("absl")
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA" (it is one level up)
-        try:
+        with absl_errors_only():  # "no _CHECKPOINT_METADATA" (it is one level up)
             tree = ck.metadata(state_dir).item_metadata
-        finally:
-            absl_log.setLevel(level)
         wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
         if "params" not in wanted:
             raise ValueError("no 'params' in the state")
@@ -414,15 +411,25 @@ def load_model(path: str, step: int | str | None = None, *, seed: int = 0):
         CheckpointError: As :func:`read_run_weights`, or the run does not say
             which model it holds.
     """
+    weights = read_run_weights(path, step)
+    return model_of(weights, seed=seed), weights.step
+
+
+def model_of(weights: RunWeights, *, seed: int = 0):
+    """The model (eval mode) that :func:`read_run_weights`' result describes; its
+    arrays are handed over to the model.
+
+    Raises:
+        CheckpointError: The run does not say which model it holds.
+    """
     from porting.pretrained import load_into_abstract, materialize
 
-    weights = read_run_weights(path, step)
     if weights.arch is None:
-        raise CheckpointError(f"{path} does not say which model it holds (no model.json or "
-                              "config.json in the run directory)")
+        raise CheckpointError(f"{weights.directory} does not say which model it holds (no "
+                              "model.json or config.json in the run directory)")
     model, _, num_classes = load_into_abstract(
         weights.arch, weights.arrays, torch_keys=False, label=weights.directory,
         default_classes=weights.num_classes, overrides=weights.overrides, consume=True)
     materialize(model, weights.arch, num_classes, seed, **weights.overrides)
     model.eval()
-    return model, weights.step
+    return model

@@ -58,6 +58,8 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from train.quiet import absl_errors_only
+
 log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder's list (``torchvision.datasets.folder.IMG_EXTENSIONS``).
@@ -504,21 +506,9 @@ def _tfds_scratch():
             tempfile.tempdir = saved
 
 
-@contextlib.contextmanager
-def _absl_errors_only():
-    """tfds warns through absl about what the error line then says (a folder with
-    no ``dataset_info.json``: not prepared)."""
-    absl_log = logging.getLogger("absl")
-    level = absl_log.level
-    absl_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_log.setLevel(level)
-
-
 def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
-    with _absl_errors_only():
+    # tfds warns about what the error line then says (no dataset_info.json: not prepared).
+    with absl_errors_only():
         return _open_tfds(parsed, split, data_dir, val_fraction, storage_size)
 
 

@@ -75,13 +75,13 @@ def _load_state_dict(path: str, arch: str) -> tuple[dict[str, np.ndarray], list[
         from porting.state_dict import to_torch_state_dict
 
         try:
-            held = ckpt_lib.read_run_weights(path).arch
-            if held is not None and held != arch:
-                raise RunError(f"--weights {path}: a run of {held}, not {arch}")
-            model, step = ckpt_lib.load_model(path)
+            weights = ckpt_lib.read_run_weights(path)
+            if weights.arch is not None and weights.arch != arch:
+                raise RunError(f"--weights {path}: a run of {weights.arch}, not {arch}")
+            model = ckpt_lib.model_of(weights)
         except ckpt_lib.CheckpointError as e:
             raise RunError(f"--weights {path}: {e}") from None
-        return to_torch_state_dict(model), [f"step {step} of the run {path}"]
+        return to_torch_state_dict(model), [f"step {weights.step} of the run {path}"]
     if path.endswith(".safetensors") or os.path.isdir(path):
         from porting.safetensors_io import load_safetensors
 
