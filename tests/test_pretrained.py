@@ -165,6 +165,9 @@ def test_googlenet_weights_drop_the_aux_heads_as_torchvision_does(dirs, monkeypa
     assert report.ignored and all(k.startswith(("aux1.", "aux2.")) for k in report.ignored)
     ref = tm.state_dict()
     assert len(report.loaded) == sum(not k.startswith(("aux", "num_batches")) for k in ref)
+    # Complete: dropout's RNG state is seeded, not listed as variables left out.
+    assert any(n.startswith("dropout RNG state seeded") for n in report.notes), report.notes
+    assert not any("freshly initialised" in n for n in report.notes), report.notes
     # The converted cache keeps the heads: a later load that asks for them gets the
     # checkpoint's, without reading the .pth again.
     (hub_dir / name).unlink()
