@@ -111,11 +111,9 @@ def _convert(args: argparse.Namespace) -> None:
     jaxnets.get_spec(args.arch)
     if args.num_classes is not None and args.num_classes <= 0:
         raise CliError(f"--num-classes must be positive, got {args.num_classes}")
-    out = args.out
-    if out.exists() and not (out.is_dir() and (pretrained.is_converted(out)
-                                               or not any(out.iterdir()))):
+    if not pretrained.replaceable(args.out):
         # Before any reading or converting (write_converted would refuse it at the end).
-        raise CliError(f"--out {out} exists and is not a converted directory (no "
+        raise CliError(f"--out {args.out} exists and is not a converted directory (no "
                        "jaxnets.json); not replacing it")
     model, report = pretrained.load_torchvision(
         args.arch, args.weights, num_classes=args.num_classes, seed=args.seed,

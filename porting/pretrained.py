@@ -290,6 +290,15 @@ def is_converted(path: str | os.PathLike) -> bool:
     return (Path(path) / _META).is_file()
 
 
+def replaceable(path: str | os.PathLike) -> bool:
+    """Whether :func:`write_converted` may put a converted directory at ``path``:
+    nothing there, an empty folder, or a converted directory (never a file or a
+    folder of other things)."""
+    path = Path(path)
+    return not path.exists() or (path.is_dir() and (is_converted(path)
+                                                    or not any(path.iterdir())))
+
+
 def read_converted(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Reads a converted directory.
 
@@ -333,8 +342,7 @@ def write_converted(path: str | os.PathLike, flat: Mapping[str, Any], meta: Mapp
         left as it was.
     """
     path = Path(path)
-    if replace and path.exists() and not (path.is_dir() and (
-            is_converted(path) or not any(path.iterdir()))):
+    if replace and not replaceable(path):
         raise FileExistsError(f"{path} exists and is not a converted directory (no {_META}); "
                               "not replacing it")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -444,6 +444,11 @@ def _interpolation(transforms) -> str:
     return name if name in ("bilinear", "bicubic") else "bilinear"
 
 
+def holds_files(path: str) -> bool:
+    """Whether ``path`` is a folder with anything in it but hidden entries."""
+    return os.path.isdir(path) and any(not e.name.startswith(".") for e in os.scandir(path))
+
+
 def check_output_dir(path: str, flag: str) -> None:
     """Checks, before any work, that a program's output directory exists or can be
     made (nothing is created here).

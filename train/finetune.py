@@ -357,8 +357,7 @@ def _check_identity(run_dir: str, cfg) -> None:
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
-        if os.path.isdir(run_dir) and any(not e.name.startswith(".")
-                                          for e in os.scandir(run_dir)):
+        if config_lib.holds_files(run_dir):
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
         return

@@ -530,9 +530,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 def _check_out(out: str) -> None:
     """Refuses an ``--out`` folder that holds files but no seq2seq run; an earlier
     run there is replaced, with a note."""
-    from train.config import ConfigError
+    from train.config import ConfigError, holds_files
 
-    if not os.path.isdir(out) or not any(not e.name.startswith(".") for e in os.scandir(out)):
+    if not holds_files(out):
         return
     if not os.path.isfile(os.path.join(out, "config.json")):
         raise ConfigError(f"--out {out} holds other files and no seq2seq run (no config.json); "
