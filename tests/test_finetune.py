@@ -8,6 +8,7 @@ run here; the short CLI run asserts a lower bar (> 50% after 60 steps).
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,30 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     assert "lenet5: step 2 of this run;" in capsys.readouterr().err
     # Saves without a validation accuracy (mid-epoch) are not each one warning from Orbax.
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+    # An evaluation reads the parameters and statistics alone: other training flags
+    # will do, and the run's config.json stays as its training wrote it.
+    config_before = (run / "config.json").read_text()
+    logits = np.load(run / "predictions.npz")["logits"]
+    other = ["--batch-size", "32", "--optimizer", "adamw", "--lr", "0.5", "--freeze", "conv1"]
+    assert finetune.main(LENET + ["--output-dir", str(run), "--eval-only"] + other) == 0
+    assert "lenet5: step 2 of this run;" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(run / "predictions.npz")["logits"], logits)
+    assert (run / "config.json").read_text() == config_before
+    # ... but not another model or validation split.
+    assert finetune.main(args + ["--eval-only", "--seed", "1"]) == 2
+    assert "different run (seed: 0 there, 1 now)" in _one_error_line(capsys)
+    # An unreadable newest step: the one before is evaluated, with a warning; nothing
+    # in the run is moved or rewritten.
+    for f in glob.glob(str(run / "checkpoints" / "2" / "state" / "**" / "d" / "*"),
+                       recursive=True):
+        with open(f, "wb") as fh:
+            fh.write(b"corrupt")
+    caplog.clear()
+    assert finetune.main(args + ["--eval-only"]) == 0
+    assert "lenet5: step 1 of this run;" in capsys.readouterr().err
+    assert any("read step 1 instead of 2" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(run / "checkpoints")) == ["1", "2"]
+    shutil.rmtree(run / "checkpoints" / "2")
     assert finetune.main(args + ["--optimizer", "adamw"]) == 2
     assert "different run (optimizer: 'sgd' there, 'adamw' now)" in _one_error_line(capsys)
     # Were the flags not told apart, the state itself is: one line, nothing moved.
@@ -243,7 +268,7 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     assert finetune.main(args + ["--optimizer", "adamw", "--steps", "3"]) == 2
     line = _one_error_line(capsys)
     assert "holds a state of another structure" in line and "--optimizer" in line, line
-    assert sorted(os.listdir(run / "checkpoints")) == ["1", "2"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["1"]
 
 
 def test_one_class_is_refused_and_a_lone_mean_keeps_the_default_std(tmp_path, capsys):

@@ -338,7 +338,8 @@ def _run_model(run_dir: str | None) -> tuple[str | None, int | None, dict]:
     return None, None, {}
 
 
-def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
+def read_run_weights(path: str, step: int | str | None = None, *,
+                     fall_back: bool = False) -> RunWeights:
     """The model of one checkpoint of a ``train.finetune`` run: its parameters and
     BatchNorm statistics, as numpy (the optimizer state is not read).
 
@@ -346,6 +347,9 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
         path: The run directory, its ``checkpoints`` folder, or a step directory.
         step: A step, ``"best"`` (the best by validation top-1), or None: the step
             directory ``path`` names, else the newest.
+        fall_back: With ``step`` None and ``path`` naming no step: when the newest
+            step cannot be read, warn and read the one before (as a resume does;
+            nothing is moved).
 
     Raises:
         CheckpointError: Not a run, no such step, or the step cannot be read
@@ -363,6 +367,20 @@ def read_run_weights(path: str, step: int | str | None = None) -> RunWeights:
         if step is None:
             raise CheckpointError(f"no checkpoint in {checkpoints} has a validation accuracy "
                                   "(only epoch-end checkpoints do); pass --step N")
+    elif step is None and named is None and fall_back:
+        errors = []
+        for s in reversed(steps):
+            try:
+                weights = read_run_weights(path, s)
+            except CheckpointError as e:
+                log.warning("%s; trying the previous one", str(e).split(" (other steps")[0])
+                errors.append(s)
+                continue
+            if errors:
+                log.warning("read step %d instead of %s", s, ", ".join(map(str, errors)))
+            return weights
+        raise CheckpointError(f"no readable checkpoint in {checkpoints} (steps "
+                              f"{', '.join(map(str, steps))})")
     elif step is None:
         step = named if named is not None else steps[-1]
     if step not in steps:

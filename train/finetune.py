@@ -351,8 +351,9 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
 # The run.
 
 
-def _check_identity(run_dir: str, cfg) -> None:
-    """Refuses to resume a run directory made by a different run."""
+def _check_identity(run_dir: str, cfg) -> bool:
+    """Refuses to resume (or, with ``--eval-only``, to evaluate) a run directory made
+    by a different run. Returns whether the directory holds a run to keep."""
     from train import config as config_lib
 
     path = os.path.join(run_dir, "config.json")
@@ -360,18 +361,47 @@ def _check_identity(run_dir: str, cfg) -> None:
         if config_lib.holds_files(run_dir):
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
-        return
+        return False
     checkpoints = os.path.join(run_dir, "checkpoints")
     if set(os.listdir(run_dir)) <= {"config.json", "model.json", "checkpoints"} and not (
             os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        return  # a run stopped by bad input before its first step: nothing to keep
+        return False  # a run stopped by bad input before its first step: nothing to keep
     saved = config_lib.load(path)
     current = json.loads(cfg.to_json())
+    fields = config_lib.EVAL_IDENTITY_FIELDS if cfg.eval_only else config_lib.IDENTITY_FIELDS
     diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
-            for k in config_lib.IDENTITY_FIELDS if saved.get(k) != current[k]]
+            for k in fields if saved.get(k) != current[k]]
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
                        "--output-dir")
+    return True
+
+
+def _restore_weights(run_dir: str, state: dict) -> int | None:
+    """``--eval-only`` on a run: its newest readable checkpoint's parameters and
+    BatchNorm statistics into ``state`` (the optimizer state is not read, so the
+    training flags need not match). Returns the step, or None without checkpoints."""
+    import jax.numpy as jnp
+
+    from train import checkpoint as ckpt_lib
+
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if not (os.path.isdir(checkpoints) and ckpt_lib.locate_run(run_dir)
+            and any(n.isdigit() for n in os.listdir(checkpoints))):
+        return None
+    try:
+        weights = ckpt_lib.read_run_weights(run_dir, fall_back=True)
+    except ckpt_lib.CheckpointError as e:
+        raise RunError(str(e)) from None
+    for part in ("params", "batch_stats"):
+        wrong = [k for k, v in state[part].items()
+                 if k not in weights.arrays or weights.arrays[k].shape != v.shape]
+        if wrong:
+            raise RunError(f"step {weights.step} of {run_dir} does not fit this model "
+                           f"({len(wrong)} of its {part} missing or of other shapes: "
+                           f"{', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+        state[part] = {k: jnp.asarray(weights.arrays[k], v.dtype) for k, v in state[part].items()}
+    return weights.step
 
 
 def run(cfg) -> int:
@@ -440,7 +470,7 @@ def run(cfg) -> int:
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
-    _check_identity(run_dir, cfg)
+    is_run = _check_identity(run_dir, cfg)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
@@ -473,27 +503,34 @@ def run(cfg) -> int:
                                num_workers=cfg.num_workers)
 
     os.makedirs(run_dir, exist_ok=True)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
-    try:
-        restored = checkpointer.restore(state)
-    except ckpt_lib.CheckpointError as e:
-        checkpointer.close()  # else Orbax's threads fail at exit, after the error line
-        if isinstance(e, ckpt_lib.CheckpointStructureError):
-            raise RunError(f"{e}: its optimizer setup differs (--optimizer, --momentum, "
-                           "--nesterov, --clip-grad-norm, --freeze, --lr-mult, --weight-decay); "
-                           "rerun with the run's own flags or pass another --output-dir") from None
-        raise RunError(str(e)) from None
-    start_step = 0
-    if restored is not None:
-        start_step, state, _ = restored
-        distributed.print0(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
+    if cfg.eval_only:  # the parameters and statistics alone: any training flags will do
+        checkpointer = None
+        start_step = _restore_weights(run_dir, state)
+        restored = start_step is not None
+        start_step = start_step or 0
+    else:
+        checkpointer = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), keep=cfg.keep)
+        try:
+            restored = checkpointer.restore(state)
+        except ckpt_lib.CheckpointError as e:
+            checkpointer.close()  # else Orbax's threads fail at exit, after the error line
+            if isinstance(e, ckpt_lib.CheckpointStructureError):
+                raise RunError(f"{e}: its optimizer setup differs (--optimizer, --momentum, "
+                               "--nesterov, --clip-grad-norm, --freeze, --lr-mult, "
+                               "--weight-decay); rerun with the run's own flags or pass "
+                               "another --output-dir") from None
+            raise RunError(str(e)) from None
+        start_step = 0
+        if restored is not None:
+            start_step, state, _ = restored
+            distributed.print0(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
     state = distributed.replicate(state, mesh)
-    if main:
+    if main and not (cfg.eval_only and is_run):  # an evaluation keeps the run's config
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
             **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
-    if restored is not None:
+    if restored:
         load_report = f"step {start_step} of this run"
     elif cfg.eval_only and cfg.weights.lower() == "none":
         load_report = "random init (--weights none, no checkpoint here): evaluating untrained"
@@ -511,7 +548,8 @@ def run(cfg) -> int:
                           progress=cfg.progress, mesh=mesh)
         if main:
             print(_finish(run_dir, result, val_src, None, start_step, time.time() - started))
-        checkpointer.close()
+        if checkpointer is not None:
+            checkpointer.close()
         return 0
 
     if target_loader is not None:
