@@ -271,6 +271,19 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     assert sorted(os.listdir(run / "checkpoints")) == ["1"]
 
 
+def test_a_resume_with_other_training_flags_says_which(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = LENET + ["--batch-size", "16", "--output-dir", str(run)]
+    assert finetune.main(args + ["--steps", "1"]) == 0
+    capsys.readouterr()
+    assert finetune.main(args + ["--steps", "2", "--lr", "0.05", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err
+    note = [line for line in err.splitlines() if line.startswith("note: flags changed")]
+    assert len(note) == 1 and "lr 0.1 -> 0.05" in note[0] and "steps 1 -> 2" in note[0], err
+    assert "progress" not in note[0] and "output" not in note[0]
+
+
 def test_one_class_is_refused_and_a_lone_mean_keeps_the_default_std(tmp_path, capsys):
     from PIL import Image
 

@@ -21,13 +21,18 @@ from typing import Any
 from train.optim import parse_lr_mult
 
 __all__ = ["Config", "ConfigError", "build_parser", "parse_args", "resolve", "save", "load",
-           "IDENTITY_FIELDS", "EVAL_IDENTITY_FIELDS"]
+           "IDENTITY_FIELDS", "EVAL_IDENTITY_FIELDS", "RUNTIME_FIELDS"]
 
 # A run directory's checkpoints only make sense for a run that agrees on these.
 IDENTITY_FIELDS = ("arch", "weights", "dataset", "val_fraction", "target_dataset", "image_size",
                    "batch_size", "seed", "model_args",
                    # these shape the optimizer state a checkpoint holds
                    "optimizer", "momentum", "nesterov", "clip_grad_norm", "freeze", "lr_mult")
+# Flags that only say how this process runs, not what the run computes: a resume
+# with others is not worth a note.
+RUNTIME_FIELDS = ("output_dir", "eval_only", "eval_batch_size", "log_every", "num_workers",
+                  "progress", "debug_nan_at_step", "compile_cache", "coordinator",
+                  "num_processes", "process_id", "checkpoint_every", "keep")
 # An evaluation (--eval-only) reads a run's parameters and statistics alone: it must
 # build the same model and see the same validation images (the split follows the
 # seed), whatever the training flags.

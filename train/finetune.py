@@ -351,9 +351,10 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
 # The run.
 
 
-def _check_identity(run_dir: str, cfg) -> bool:
+def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
     """Refuses to resume (or, with ``--eval-only``, to evaluate) a run directory made
-    by a different run. Returns whether the directory holds a run to keep."""
+    by a different run. Returns whether the directory holds a run to keep, and the
+    other flags that differ from its config (``lr: 0.1 -> 0.05``)."""
     from train import config as config_lib
 
     path = os.path.join(run_dir, "config.json")
@@ -361,11 +362,11 @@ def _check_identity(run_dir: str, cfg) -> bool:
         if config_lib.holds_files(run_dir):
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
-        return False
+        return False, []
     checkpoints = os.path.join(run_dir, "checkpoints")
     if set(os.listdir(run_dir)) <= {"config.json", "model.json", "checkpoints"} and not (
             os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        return False  # a run stopped by bad input before its first step: nothing to keep
+        return False, []  # a run stopped by bad input before its first step: nothing to keep
     saved = config_lib.load(path)
     current = json.loads(cfg.to_json())
     fields = config_lib.EVAL_IDENTITY_FIELDS if cfg.eval_only else config_lib.IDENTITY_FIELDS
@@ -374,7 +375,16 @@ def _check_identity(run_dir: str, cfg) -> bool:
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
                        "--output-dir")
-    return True
+    skip = (*config_lib.IDENTITY_FIELDS, *config_lib.RUNTIME_FIELDS)
+    changed = [f"{k.replace('_', '-')} {_flag_value(saved.get(k))} -> {_flag_value(v)}"
+               for k, v in current.items() if k not in skip and k in saved and saved[k] != v]
+    return True, changed
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(_flag_value, value)) or "(none)"
+    return "(default)" if value is None else str(value)
 
 
 def _restore_weights(run_dir: str, state: dict) -> int | None:
@@ -470,7 +480,7 @@ def run(cfg) -> int:
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
-    is_run = _check_identity(run_dir, cfg)
+    is_run, changed = _check_identity(run_dir, cfg)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
@@ -524,6 +534,9 @@ def run(cfg) -> int:
         if restored is not None:
             start_step, state, _ = restored
             distributed.print0(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
+            if changed:  # allowed (a longer run, a lower rate), but not silently
+                distributed.print0("note: flags changed since the run last started: "
+                                   + "; ".join(changed), file=sys.stderr)
     state = distributed.replicate(state, mesh)
     if main and not (cfg.eval_only and is_run):  # an evaluation keeps the run's config
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
