@@ -308,6 +308,9 @@ class _Parser(argparse.ArgumentParser):
     """One-line usage errors (``jaxnets.cli.ArgumentParser``'s, without importing
     jaxnets: an old flax on the machine is reported by ``main``, not a traceback)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 

@@ -9,7 +9,14 @@ __all__ = ["ArgumentParser"]
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one ``error: ...`` line
-    (argparse prints the whole usage first), exit status 2."""
+    (argparse prints the whole usage first), exit status 2, and which takes flags
+    only as written: a shortened ``--lr-m`` is an unknown flag, not ``--lr-mult``
+    (``allow_abbrev=False``; an abbreviation would change meaning when a flag is
+    added)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -9,7 +9,6 @@ model.parameters())`` counts parameters and not buffers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -170,8 +169,10 @@ def format_table(name: str, rows: list[LayerRow], total: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m jaxnets.summary",
-                                description="Per-layer output shapes and parameter counts.")
+    from jaxnets.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m jaxnets.summary",
+                       description="Per-layer output shapes and parameter counts.")
     p.add_argument("name", help="registered model name, e.g. resnet50")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input height, width")
     p.add_argument("--batch", type=int, default=1, help="batch size of the example input")

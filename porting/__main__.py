@@ -34,7 +34,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -48,16 +48,12 @@ class CliError(Exception):
     """A user error, reported as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see python -m porting --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m porting", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from jaxnets.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m porting", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     c = sub.add_parser("convert", help="torch checkpoint -> converted jaxnets directory")
     c.add_argument("--arch", required=True, help="jaxnets model name, e.g. resnet50")

@@ -5,6 +5,7 @@ steps. The README's full offline command (resnet18, digits, >= 95%) is not
 run here; the short CLI run asserts a lower bar (> 50% after 60 steps).
 """
 
+import functools
 import glob
 import json
 import os
@@ -223,6 +224,32 @@ def test_flag_values_out_of_range_are_one_line(capsys, flag, value, needle):
     with pytest.raises(SystemExit) as e:
         finetune.main(LENET + [flag, value])
     assert e.value.code == 2 and needle in _one_error_line(capsys)
+
+
+def test_shortened_flags_are_refused_and_doubtful_values_noted(capsys):
+    # argparse would take --warmup as --warmup-steps; a flag added later could change
+    # what an old command means.
+    with pytest.raises(SystemExit) as e:
+        finetune.main(LENET + ["--warmup", "5"])
+    line = _one_error_line(capsys)
+    assert e.value.code == 2 and "unrecognized arguments: --warmup 5" in line, line
+    assert "(see python -m train.finetune --help)" in line
+    from train import config as config_lib
+    from train import seq2seq
+
+    with pytest.raises(SystemExit) as e:
+        seq2seq.main(["--ste", "3"])
+    assert e.value.code == 2 and "--ste" in _one_error_line(capsys)
+
+    spec = jaxnets.get_spec("lenet5")
+    resolve = functools.partial(config_lib.resolve, spec=spec, native_size=8, transforms=None,
+                                steps_per_epoch=10)
+    assert config_lib.doubtful(resolve(config_lib.parse_args(LENET))) == []
+    notes = config_lib.doubtful(resolve(config_lib.parse_args(
+        LENET + ["--steps", "20", "--warmup-steps", "50", "--resize-size", "24"])))
+    assert len(notes) == 2, notes
+    assert "--warmup-steps 50 is more than the run's 20 steps" in notes[0]
+    assert "--resize-size 24 is below --image-size 32" in notes[1]
 
 
 def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, capsys, caplog):

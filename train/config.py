@@ -21,7 +21,7 @@ from typing import Any
 from train.optim import parse_lr_mult
 
 __all__ = ["Config", "ConfigError", "build_parser", "parse_args", "resolve", "save", "load",
-           "IDENTITY_FIELDS", "EVAL_IDENTITY_FIELDS", "RUNTIME_FIELDS"]
+           "IDENTITY_FIELDS", "EVAL_IDENTITY_FIELDS", "RUNTIME_FIELDS", "doubtful"]
 
 # A run directory's checkpoints only make sense for a run that agrees on these.
 IDENTITY_FIELDS = ("arch", "weights", "dataset", "val_fraction", "target_dataset", "image_size",
@@ -193,17 +193,12 @@ for _type, _name in ((_positive_int, "positive integer"), (_nonneg_int, "non-neg
     _type.__name__ = _name
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line, as every other bad-input path of the CLI.
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser; ``--help`` documents every option."""
     from jaxnets import compile_cache
+    from jaxnets.cli import ArgumentParser
 
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m train.finetune",
         description="Fine-tune (or train from scratch) a jaxnets image classifier. Rerunning the "
                     "same command resumes from the run's last checkpoint.",
@@ -446,6 +441,18 @@ def resolve(
         warmup_steps=warmup,
         output_dir=output_dir,
     )
+
+
+def doubtful(cfg: Config) -> list[str]:
+    """Notes on resolved values that run but are probably not what was meant."""
+    notes = []
+    if cfg.warmup_steps > cfg.steps and cfg.steps > 0:
+        notes.append(f"--warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} "
+                     "steps: the learning rate never reaches --lr")
+    if cfg.resize_size < cfg.image_size:
+        notes.append(f"--resize-size {cfg.resize_size} is below --image-size "
+                     f"{cfg.image_size}: evaluation's center crop is padded with zeros")
+    return notes
 
 
 def _interpolation(transforms) -> str:

@@ -481,6 +481,9 @@ def run(cfg) -> int:
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
     is_run, changed = _check_identity(run_dir, cfg)
+    for note in config_lib.doubtful(cfg):
+        if not (cfg.eval_only and note.startswith("--warmup")):
+            distributed.print0(f"note: {note}", file=sys.stderr)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
     model, load_report = build_model(cfg, spec, num_classes, build_pretrained)

@@ -467,12 +467,6 @@ def load_checkpoint(run_dir: str) -> tuple[Seq2SeqTransformer, Config]:
     return model, config
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line naming the problem, not a usage dump.
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 _HELP = {
     "task": "the mapping to learn: reverse, sort or copy a digit sequence",
     "steps": "optimisation steps",
@@ -506,7 +500,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     Returns:
       The configuration.
     """
-    parser = _Parser(prog="python -m train.seq2seq", description=(
+    from jaxnets.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m train.seq2seq", description=(
         "Train a small Transformer encoder-decoder on a synthetic digit-sequence task and "
         "report exact-sequence accuracy on held-out sequences."))
     for field in dataclasses.fields(Config):
