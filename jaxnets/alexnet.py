@@ -12,8 +12,8 @@ import functools
 import jax
 from flax import nnx
 
-from jaxnets.layers import (Sequential, adaptive_avg_pool2d, check_images, conv2d, linear,
-                            max_pool2d)
+from jaxnets.layers import (Sequential, adaptive_avg_pool2d, check_images, conv2d,
+                            dropout_layer, linear, max_pool2d)
 from jaxnets.registry import register_model
 
 __all__ = ["AlexNet"]
@@ -30,6 +30,9 @@ class AlexNet(nnx.Module):
         drives dropout in training mode.
     """
 
+    # Below this, a feature map shrinks to nothing (torch: "Output size is too small").
+    MIN_SIZE = (63, 63)
+
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5, *, in_channels: int = 3,
                  rngs: nnx.Rngs):
         self.in_channels = in_channels
@@ -43,9 +46,9 @@ class AlexNet(nnx.Module):
             conv2d(256, 256, 3, 1, 1, rngs=rngs), relu, pool,
         ])
         self.classifier = Sequential([
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
             linear(256 * 6 * 6, 4096, rngs=rngs), relu,
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
             linear(4096, 4096, rngs=rngs), relu,
             linear(4096, num_classes, rngs=rngs),
         ])
@@ -61,7 +64,7 @@ class AlexNet(nnx.Module):
         Returns:
           (N, 9216) features.
         """
-        check_images(x, self.in_channels, "AlexNet")
+        check_images(x, self.in_channels, "AlexNet", min_size=self.MIN_SIZE)
         x = adaptive_avg_pool2d(self.features(x), (6, 6))
         # torch flattens NCHW; transposing here lets classifier.1 load unchanged.
         return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
@@ -70,6 +73,7 @@ class AlexNet(nnx.Module):
         return self.classifier(self.forward_features(x))
 
 
-@register_model(kind="image", input_size=(224, 224), head=r"^classifier\.6\.", min_size=(63, 63))
+@register_model(kind="image", input_size=(224, 224), head=r"^classifier\.6\.",
+                min_size=AlexNet.MIN_SIZE)
 def alexnet(*, num_classes=1000, rngs, **kw):
     return AlexNet(num_classes, rngs=rngs, **kw)

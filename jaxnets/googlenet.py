@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.layers import (BatchNorm, Sequential, adaptive_avg_pool2d, check_images, conv2d,
-                            linear, max_pool2d)
+                            dropout_layer, linear, max_pool2d)
 from jaxnets.registry import register_model
 
 __all__ = ["BasicConv2d", "Inception", "InceptionAux", "GoogLeNet", "GoogLeNetOutputs",
@@ -100,7 +100,7 @@ class InceptionAux(nnx.Module):
         self.conv = BasicConv2d(in_channels, 128, 1, kernel_init=kernel_init, rngs=rngs)
         self.fc1 = linear(2048, 1024, kernel_init=kernel_init, rngs=rngs)
         self.fc2 = linear(1024, num_classes, kernel_init=kernel_init, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
 
     def __call__(self, x):
         x = self.conv(adaptive_avg_pool2d(x, (4, 4)))
@@ -133,6 +133,9 @@ class GoogLeNet(nnx.Module):
         like the dropout layers' flag); the auxiliary heads run only when False.
     """
 
+    # Below this, a feature map shrinks to nothing (torch: "Output size is too small").
+    MIN_SIZE = (15, 15)
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
                  transform_input: bool = False, init_weights: bool | None = None,
                  dropout: float = 0.2, dropout_aux: float = 0.7, *, rngs: nnx.Rngs):
@@ -161,11 +164,11 @@ class GoogLeNet(nnx.Module):
             self.aux2 = InceptionAux(528, num_classes, dropout_aux, kernel_init=k, rngs=rngs)
         else:
             self.aux1 = self.aux2 = None
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.fc = linear(1024, num_classes, kernel_init=k, rngs=rngs)
 
     def _forward(self, x, with_aux: bool):
-        check_images(x, 3, "GoogLeNet")
+        check_images(x, 3, "GoogLeNet", min_size=self.MIN_SIZE)
         if self.transform_input:
             x = transform_input(x)
         pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)
@@ -200,6 +203,6 @@ class GoogLeNet(nnx.Module):
         return logits
 
 
-@register_model(kind="image", input_size=(224, 224), head=r"^fc\.", min_size=(15, 15))
+@register_model(kind="image", input_size=(224, 224), head=r"^fc\.", min_size=GoogLeNet.MIN_SIZE)
 def googlenet(*, num_classes=1000, rngs, **kw):
     return GoogLeNet(num_classes, rngs=rngs, **kw)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.googlenet import BasicConv2d, transform_input
-from jaxnets.layers import avg_pool2d, check_images, linear, max_pool2d
+from jaxnets.layers import avg_pool2d, check_images, dropout_layer, linear, max_pool2d
 from jaxnets.registry import register_model
 
 __all__ = ["Inception3", "InceptionOutputs", "InceptionA", "InceptionB", "InceptionC",
@@ -183,6 +183,9 @@ class Inception3(nnx.Module):
         like the dropout layers' flag); the auxiliary head runs only when False.
     """
 
+    # Below this, a feature map shrinks to nothing (torch: "Output size is too small").
+    MIN_SIZE = (75, 75)
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
                  transform_input: bool = False, init_weights: bool | None = None,
                  dropout: float = 0.5, *, rngs: nnx.Rngs):
@@ -215,11 +218,11 @@ class Inception3(nnx.Module):
         self.Mixed_7a = InceptionD(768, conv=conv)
         self.Mixed_7b = InceptionE(1280, conv=conv)
         self.Mixed_7c = InceptionE(2048, conv=conv)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.fc = linear(2048, num_classes, kernel_init=k, rngs=rngs)
 
     def _forward(self, x, with_aux: bool):
-        check_images(x, 3, "Inception3")
+        check_images(x, 3, "Inception3", min_size=self.MIN_SIZE)
         if self.transform_input:
             x = transform_input(x)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -251,6 +254,6 @@ class Inception3(nnx.Module):
         return logits
 
 
-@register_model(kind="image", input_size=(299, 299), head=r"^fc\.", min_size=(75, 75))
+@register_model(kind="image", input_size=(299, 299), head=r"^fc\.", min_size=Inception3.MIN_SIZE)
 def inception_v3(*, num_classes=1000, rngs, **kw):
     return Inception3(num_classes, rngs=rngs, **kw)

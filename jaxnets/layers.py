@@ -31,6 +31,7 @@ __all__ = [
     "cpu_detours",
     "fusion_barrier",
     "kaiming_normal_fan_out",
+    "dropout_layer",
     "torch_default_init",
 ]
 
@@ -86,6 +87,18 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 # torchvision's ResNet/VGG initialise convolutions with
 # kaiming_normal_(mode="fan_out", nonlinearity="relu").
 kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def dropout_layer(rate: float, *, rngs: nnx.Rngs | None = None) -> nnx.Dropout:
+    """``nnx.Dropout(rate)`` for a rate in [0, 1], as ``torch.nn.Dropout`` checks
+    (nnx takes any number: 1.5 zeroes everything, -0.5 rescales).
+
+    Raises:
+      ValueError: for a rate outside [0, 1].
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {rate!r}")
+    return nnx.Dropout(float(rate), rngs=rngs)
 
 
 def torch_default_init(fan_in: int):
@@ -757,13 +770,18 @@ class BatchNorm(nnx.Module):
             if affine:
                 y = y * self.scale[...] + self.bias[...]
             return y.astype(dtype)
+        n = math.prod(x.shape[:-1])
+        if n == 1:  # torch's check: the output would be 0 (or the bias) whatever the input
+            raise ValueError(
+                f"BatchNorm in training mode needs more than one value per channel; got input "
+                f"of shape {tuple(x.shape)} (use a batch of 2 or more, larger images, or "
+                "model.eval())")
         if affine:
             y, mean, var = _batch_norm(x32, self.scale[...], self.bias[...], self.eps)
         else:
             y, mean, var = _normalize(x32, self.eps)
-        n = math.prod(x.shape[:-1])
         m = self.momentum
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = var * (n / (n - 1))
         stat = self.mean[...].dtype
         # set_value, not `self.mean[...] = ...`: flax's indexed assignment
         # probes the new value's sharding, which on a tracer under grad walks
@@ -1140,18 +1158,33 @@ def adaptive_avg_pool2d(x: jax.Array, output_size) -> jax.Array:
     return jnp.einsum("oh,nhwc,pw->nopc", mh, x, mw, precision=hp)
 
 
-def check_images(x, channels: int, name: str) -> None:
+def check_images(x, channels: int, name: str, *, min_size: tuple[int, int] | None = None,
+                 exact: bool = False, hint: str = "") -> None:
     """Raise a one-line error unless ``x`` is an NHWC image batch with ``channels``.
 
     Args:
       x: the model input.
       channels: the channel count the model expects.
       name: the model's name, for the message.
+      min_size: the smallest (height, width) the model takes, if any: below it
+        a feature map would shrink to nothing (torch raises "Output size is too
+        small"; XLA would give NaN logits).
+      exact: ``min_size`` is the only size the model takes (a flatten into a
+        fixed-width layer).
+      hint: appended to the message of a wrong ``exact`` size.
 
     Raises:
-      ValueError: when the rank or channel count is wrong.
+      TypeError: for a non-array, or integer or boolean images (torch's
+        convolutions refuse them too: convert to float and normalise first).
+      ValueError: when the rank, channel count or size is wrong.
     """
-    shape = tuple(getattr(x, "shape", ()))
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} expects a jax or numpy array of images; got "
+                        f"{type(x).__name__} (wrap it with jnp.asarray)")
+    shape = tuple(x.shape)
+    if jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.bool_):
+        raise TypeError(f"{name} expects floating-point images; got {x.dtype} (convert to "
+                        "float and normalise first, e.g. x / 255 then the mean and std)")
     if len(shape) != 4:
         raise ValueError(
             f"{name} expects a 4-D NHWC image batch (batch, height, width, {channels}); "
@@ -1163,3 +1196,11 @@ def check_images(x, channels: int, name: str) -> None:
             f"{name} expects {channels} input channel(s) in the last axis (NHWC); "
             f"got shape {shape}{hint}"
         )
+    if min_size is not None:
+        h, w = shape[1:3]
+        if exact and (h, w) != tuple(min_size):
+            raise ValueError(f"{name} takes {min_size[0]}x{min_size[1]} images only; got "
+                             f"{h}x{w}{hint}")
+        if h < min_size[0] or w < min_size[1]:
+            raise ValueError(f"{name} needs images of at least {min_size[0]}x{min_size[1]}; "
+                             f"got {h}x{w} (its feature maps would shrink to nothing)")

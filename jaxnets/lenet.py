@@ -18,6 +18,9 @@ class LeNet5(nnx.Module):
     order so a torch state_dict loads without permuting ``fc1``.
     """
 
+    # The one size it takes: fc1 reads 16 maps of 5x5.
+    MIN_SIZE = (32, 32)
+
     def __init__(self, num_classes: int = 10, *, in_channels: int = 1, rngs: nnx.Rngs):
         self.in_channels = in_channels
         self.conv1 = conv2d(in_channels, 6, 5, rngs=rngs)
@@ -28,7 +31,8 @@ class LeNet5(nnx.Module):
 
     def features(self, x):
         """The 84-wide penultimate features."""
-        check_images(x, self.in_channels, "LeNet5")
+        check_images(x, self.in_channels, "LeNet5", min_size=self.MIN_SIZE, exact=True,
+                     hint=" (pad 28x28 MNIST digits by 2 pixels on each side)")
         x = max_pool2d(jax.nn.relu(self.conv1(x)), 2)
         x = max_pool2d(jax.nn.relu(self.conv2(x)), 2)
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
@@ -61,7 +65,7 @@ class MLP(nnx.Module):
 
 
 @register_model(input_size=(32, 32), in_channels=1, num_classes=10, head=r"^fc3\.",
-                min_size=(32, 32), torch_reference="porting.reference:lenet5")
+                min_size=LeNet5.MIN_SIZE, torch_reference="porting.reference:lenet5")
 def lenet5(*, num_classes=10, rngs, **kw):
     return LeNet5(num_classes, rngs=rngs, **kw)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,8 @@ class ModelSpec:
     Attributes:
       name: registry name, e.g. ``"resnet50"``.
       builder: ``builder(*, num_classes, rngs, **overrides) -> nnx.Module``.
-      kind: ``"image"`` (NHWC classifier) or ``"sequence"``.
+      kind: ``"image"`` (NHWC classifier), ``"vector"`` (a classifier of
+        flattened inputs, the MLP) or ``"sequence"`` (the Transformer).
       input_size: default (height, width) for image models.
       in_channels: input channels for image models.
       num_classes: default class count.
@@ -109,12 +111,18 @@ def list_models(pattern: str | None = None, *, kind: str | None = None) -> list[
 
     Args:
       pattern: optional shell-style filter, e.g. ``"resnet*"``.
-      kind: optional ``"image"`` or ``"sequence"`` filter.
+      kind: optional ``"image"``, ``"vector"`` or ``"sequence"`` filter.
 
     Returns:
       The matching names.
+
+    Raises:
+      ValueError: for a ``kind`` no model has.
     """
     _ensure_loaded()
+    kinds = sorted({s.kind for s in _REGISTRY.values()})
+    if kind and kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r}; kinds: {', '.join(kinds)}")
     names = sorted(_REGISTRY)
     if pattern:
         names = [n for n in names if fnmatch.fnmatch(n, pattern)]
@@ -141,9 +149,17 @@ def create_model(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | 
 
     Raises:
       UnknownModelError: for an unregistered name.
-      TypeError: for an option the architecture does not have.
+      TypeError: for an option the architecture does not have, or ``rngs``
+        that is not an ``nnx.Rngs``.
+      ValueError: for a ``num_classes`` that is not a positive integer.
     """
     spec = get_spec(name)
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"{name}: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)); got "
+                        f"{type(rngs).__name__} (or pass seed=...)")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
+            num_classes, numbers.Integral) or num_classes < 1):
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
     rngs = rngs if rngs is not None else nnx.Rngs(seed)
     kwargs = dict(overrides)
     if spec.kind == "image" or num_classes is not None:

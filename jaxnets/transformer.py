@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.attention import MultiheadAttention, xavier_uniform
-from jaxnets.layers import Sequential, linear
+from jaxnets.layers import Sequential, dropout_layer, linear
 from jaxnets.registry import register_model
 
 __all__ = ["Transformer", "TransformerEncoder", "TransformerEncoderLayer", "TransformerDecoder",
@@ -91,13 +91,13 @@ class TransformerEncoderLayer(nnx.Module):
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, rngs=rngs)
         self.linear1 = linear(d_model, dim_feedforward, bias=bias, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.linear2 = linear(dim_feedforward, d_model, bias=bias, rngs=rngs)
         self.norm_first = norm_first
         self.norm1 = _layer_norm(d_model, layer_norm_eps, bias, rngs)
         self.norm2 = _layer_norm(d_model, layer_norm_eps, bias, rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = dropout_layer(dropout, rngs=rngs)
+        self.dropout2 = dropout_layer(dropout, rngs=rngs)
         self.activation = _activation(activation)
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
@@ -158,15 +158,15 @@ class TransformerDecoderLayer(nnx.Module):
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, rngs=rngs)
         self.linear1 = linear(d_model, dim_feedforward, bias=bias, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.linear2 = linear(dim_feedforward, d_model, bias=bias, rngs=rngs)
         self.norm_first = norm_first
         self.norm1 = _layer_norm(d_model, layer_norm_eps, bias, rngs)
         self.norm2 = _layer_norm(d_model, layer_norm_eps, bias, rngs)
         self.norm3 = _layer_norm(d_model, layer_norm_eps, bias, rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout3 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = dropout_layer(dropout, rngs=rngs)
+        self.dropout2 = dropout_layer(dropout, rngs=rngs)
+        self.dropout3 = dropout_layer(dropout, rngs=rngs)
         self.activation = _activation(activation)
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):

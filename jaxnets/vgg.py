@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.layers import (BatchNorm, Sequential, adaptive_avg_pool2d, check_images, conv2d,
-                            kaiming_normal_fan_out, linear, max_pool2d)
+                            dropout_layer, kaiming_normal_fan_out, linear, max_pool2d)
 from jaxnets.registry import register_model
 
 __all__ = ["VGG", "CFGS", "make_layers"]
@@ -76,6 +76,9 @@ class VGG(nnx.Module):
         drives dropout in training mode.
     """
 
+    # Below this, a feature map shrinks to nothing (torch: "Output size is too small").
+    MIN_SIZE = (32, 32)
+
     def __init__(self, features: Sequential, num_classes: int = 1000, init_weights: bool = True,
                  dropout: float = 0.5, *, in_channels: int = 3, rngs: nnx.Rngs):
         self.in_channels = in_channels
@@ -83,9 +86,9 @@ class VGG(nnx.Module):
         init = dict(kernel_init=_linear_init, bias_init=_zeros) if init_weights else {}
         self.classifier = Sequential([
             linear(512 * 7 * 7, 4096, rngs=rngs, **init), jax.nn.relu,
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
             linear(4096, 4096, rngs=rngs, **init), jax.nn.relu,
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
             linear(4096, num_classes, rngs=rngs, **init),
         ])
 
@@ -100,7 +103,7 @@ class VGG(nnx.Module):
         Returns:
           (N, 25088) features.
         """
-        check_images(x, self.in_channels, "VGG")
+        check_images(x, self.in_channels, "VGG", min_size=self.MIN_SIZE)
         x = adaptive_avg_pool2d(self.features(x), (7, 7))
         # torch flattens NCHW; transposing here lets classifier.0 load unchanged.
         return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
@@ -117,7 +120,7 @@ def _vgg(cfg: str, batch_norm: bool, *, num_classes=1000, init_weights=True, dro
 
 
 _image = functools.partial(register_model, kind="image", input_size=(224, 224),
-                           head=r"^classifier\.6\.", min_size=(32, 32))
+                           head=r"^classifier\.6\.", min_size=VGG.MIN_SIZE)
 
 
 @_image()

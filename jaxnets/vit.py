@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnets.layers import (Sequential, check_images, conv2d, dot_general,
-                             dot_product_attention, fusion_barrier, linear)
+                             dot_product_attention, dropout_layer, fusion_barrier, linear)
 from jaxnets.registry import register_model
 
 __all__ = ["ViTSelfAttention", "MLPBlock", "EncoderBlock", "Encoder", "VisionTransformer",
@@ -84,7 +84,7 @@ class ViTSelfAttention(nnx.Module):
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * embed_dim,), jnp.float32))
         self.out_proj = linear(embed_dim, embed_dim, bias_init=nnx.initializers.zeros,
                                rngs=rngs)
-        self.attn_drop = nnx.Dropout(dropout, rngs=rngs)
+        self.attn_drop = dropout_layer(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, need_weights: bool = False,
                  deterministic: bool | None = None):
@@ -137,9 +137,9 @@ class MLPBlock(Sequential):
         super().__init__([
             linear(in_dim, mlp_dim, kernel_init=_xavier_uniform, bias_init=bias_init, rngs=rngs),
             functools.partial(jax.nn.gelu, approximate=False),  # torch's GELU is exact
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
             linear(mlp_dim, in_dim, kernel_init=_xavier_uniform, bias_init=bias_init, rngs=rngs),
-            nnx.Dropout(dropout, rngs=rngs),
+            dropout_layer(dropout, rngs=rngs),
         ])
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
@@ -167,7 +167,7 @@ class EncoderBlock(nnx.Module):
         self.ln_1 = _layer_norm(hidden_dim, rngs)
         self.self_attention = ViTSelfAttention(hidden_dim, num_heads, attention_dropout,
                                                rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.ln_2 = _layer_norm(hidden_dim, rngs)
         self.mlp = MLPBlock(hidden_dim, mlp_dim, dropout, rngs=rngs)
 
@@ -229,7 +229,7 @@ class Encoder(nnx.Module):
                  mlp_dim: int, dropout: float, attention_dropout: float, *, rngs: nnx.Rngs):
         self.pos_embedding = nnx.Param(
             jax.random.normal(rngs.params(), (1, seq_length, hidden_dim)) * 0.02)  # BERT init
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
         self.layers = _Layers([EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout,
                                             attention_dropout, rngs=rngs)
                                for _ in range(num_layers)])

@@ -113,3 +113,77 @@ def test_models_are_nnx_modules_that_split_and_merge():
     m.eval()
     m2.eval()
     np.testing.assert_array_equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "googlenet", "inception_v3"])
+def test_inputs_below_the_minimum_size_are_refused_where_torch_refuses_them(name):
+    # XLA would shrink a feature map to nothing and give NaN logits; torch raises.
+    import torch
+
+    from porting.reference import build_torch_model
+
+    lo = jaxnets.get_spec(name).min_size[0]
+    ref = build_torch_model(name, num_classes=3).eval()
+    with torch.no_grad():
+        assert torch.isfinite(ref(torch.randn(1, 3, lo, lo))).all()
+        with pytest.raises(RuntimeError):
+            ref(torch.randn(1, 3, lo - 1, lo))
+    model = nnx.eval_shape(lambda: jaxnets.create_model(name, num_classes=3))
+    model.eval()
+    for shape in ((1, lo - 1, lo, 3), (1, lo, lo - 1, 3)):
+        with pytest.raises(ValueError, match=f"at least {lo}x{lo}; got {shape[1]}x{shape[2]}"):
+            model(jnp.zeros(shape))
+    # At the minimum the values are finite (the one model checked here that runs fast).
+    if name == "alexnet":
+        model = jaxnets.create_model(name, num_classes=3)
+        model.eval()
+        assert jnp.isfinite(model(jnp.ones((1, lo, lo, 3)))).all()
+
+
+def test_lenet_takes_32x32_only_and_images_must_be_float_arrays():
+    model = nnx.eval_shape(lambda: jaxnets.create_model("lenet5"))
+    with pytest.raises(ValueError, match="32x32 images only; got 28x28 .pad 28x28 MNIST"):
+        model(jnp.zeros((1, 28, 28, 1)))
+    with pytest.raises(ValueError, match="32x32 images only; got 36x36"):
+        model(jnp.zeros((1, 36, 36, 1)))
+    with pytest.raises(TypeError, match="floating-point images; got uint8"):
+        model(np.zeros((1, 32, 32, 1), np.uint8))
+    with pytest.raises(TypeError, match="got list"):
+        model([[0.0] * 32] * 32)
+
+
+def test_constructor_arguments_are_checked():
+    import torch
+
+    with pytest.raises(ValueError):  # torch's own check, which jaxnets follows
+        torch.nn.Dropout(1.5)
+    for name, kw in (("alexnet", {"dropout": 1.5}), ("vgg11", {"dropout": -0.5}),
+                     ("googlenet", {"dropout_aux": 2.0}), ("inception_v3", {"dropout": -1}),
+                     ("vit_b_32", {"attention_dropout": 1.01}),
+                     ("transformer", {"dropout": 3.0})):
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            nnx.eval_shape(lambda: jaxnets.create_model(name, **kw))  # noqa: B023
+    for bad in (2.5, 0, -1, True, "10"):
+        with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+            jaxnets.create_model("lenet5", num_classes=bad)
+    with pytest.raises(TypeError, match="rngs must be an nnx.Rngs"):
+        jaxnets.create_model("lenet5", rngs=0)
+    with pytest.raises(ValueError, match="unknown model kind 'imgae'; kinds: image, sequence"):
+        jaxnets.list_models(kind="imgae")
+    assert jaxnets.list_models(kind="vector") == ["mlp"]
+
+
+def test_train_mode_batchnorm_needs_more_than_one_value_per_channel_as_torch():
+    import torch
+
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm2d(4).train()(torch.ones(1, 4, 1, 1))
+    bn = BatchNorm(4)
+    with pytest.raises(ValueError, match="more than one value per channel; got input of shape"):
+        bn(jnp.ones((1, 1, 1, 4)))
+    assert int(bn.num_batches_tracked[...]) == 0
+    bn.eval()
+    assert bn(jnp.ones((1, 1, 1, 4))).shape == (1, 1, 1, 4)
+    bn.train()
+    y = bn(jnp.arange(8.0).reshape(2, 1, 1, 4))
+    assert jnp.isfinite(y).all() and jnp.isfinite(bn.var[...]).all()

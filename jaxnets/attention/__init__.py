@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnets.layers import dot_general, dot_product_attention, linear
+from jaxnets.layers import dot_general, dot_product_attention, dropout_layer, linear
 
 __all__ = ["MultiheadAttention", "xavier_uniform", "xavier_normal"]
 
@@ -154,7 +154,7 @@ class MultiheadAttention(nnx.Module):
             self.bias_v = nnx.Param(xavier_normal(rngs.params(), (1, 1, e)))
         else:
             self.bias_k = self.bias_v = None
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = dropout_layer(dropout, rngs=rngs)
 
     def _project(self, query, key, value, shared: int = 1):
         """q, k and v; ``shared`` says how many of the inputs are one array: 3 for
