@@ -108,7 +108,8 @@ def attention_rollout(weights: Sequence[jax.Array], head_fusion: str = "mean",
 
     Args:
       weights: per-layer (batch, heads, L, L) weights, first layer first, as
-        from ``attention_weights``.
+        from ``attention_weights`` (or those stacked into one (layers, batch,
+        heads, L, L) array; one 4-D array is one layer).
       head_fusion: how heads combine: ``"mean"`` (the paper), ``"max"`` or
         ``"min"``.
       discard_ratio: fraction of each fused map's weakest entries set to 0
@@ -130,14 +131,11 @@ def attention_rollout(weights: Sequence[jax.Array], head_fusion: str = "mean",
                          f"got {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1); got {discard_ratio}")
+    weights = _layers(weights)
     if not weights:
         raise ValueError("attention_rollout needs the weights of at least one layer")
     n = weights[0].shape[-1]
-    if grid is None:
-        g = math.isqrt(n - 1)
-        grid = (g, g)
-    if grid[0] * grid[1] != n - 1:
-        raise ValueError(f"{n - 1} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+    grid = _grid(n, grid)
     eye = jnp.eye(n, dtype=jnp.float32)
     result = None
     for w in weights:
@@ -158,12 +156,38 @@ def class_token_attention(weights: jax.Array, grid: tuple[int, int] | None = Non
 
     Returns:
       (batch, heads, height, width) maps.
+
+    Raises:
+      ValueError: for weights that are not one (batch, heads, L, L) array, or
+        a token count that does not fit the grid.
     """
+    (weights,) = _layers(weights, one=True)
     b, h, n, _ = weights.shape
+    return weights[:, :, 0, 1:].reshape(b, h, *_grid(n, grid))
+
+
+def _layers(weights, one: bool = False) -> list[jax.Array]:
+    """Attention weights as a list of (batch, heads, L, L) arrays."""
+    if hasattr(weights, "ndim"):
+        weights = [weights] if weights.ndim == 4 else list(weights)
+    weights = [jnp.asarray(w) for w in weights]
+    bad = [w.shape for w in weights if w.ndim != 4 or w.shape[-1] != w.shape[-2]]
+    if bad or (one and len(weights) != 1):
+        what = "one layer's" if one else "each layer's"
+        raise ValueError(f"expected {what} attention weights as a (batch, heads, L, L) array; "
+                         f"got {len(weights)} array(s), shapes {bad or [w.shape for w in weights]}")
+    return weights
+
+
+def _grid(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The patch grid of ``n`` tokens (the class token first); square when None."""
     if grid is None:
         g = math.isqrt(n - 1)
         grid = (g, g)
-    return jnp.asarray(weights)[:, :, 0, 1:].reshape(b, h, *grid)
+    if len(grid) != 2 or grid[0] * grid[1] != n - 1:
+        raise ValueError(f"{n - 1} patch tokens do not fill a "
+                         f"{'x'.join(map(str, grid))} grid")
+    return tuple(grid)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -117,7 +117,15 @@ def summarize(name: str, *, size=None, batch: int = 1, **overrides) -> tuple[lis
 
     Returns:
       ``(rows, total_params)``.
+
+    Raises:
+      TypeError: ``name`` is not a registry name (a model object, say).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"summarize takes a registered model's name (e.g. 'resnet50'), not a "
+                        f"{type(name).__name__}")
+    if isinstance(size, int):
+        size = (size, size)
     spec = jaxnets.get_spec(name)
     # Shapes only: nothing is initialised or computed, so a 600M-parameter model is cheap.
     model = nnx.eval_shape(lambda: jaxnets.create_model(name, **overrides))

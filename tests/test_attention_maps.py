@@ -167,6 +167,17 @@ def test_rollout_and_maps_bad_arguments():
     maps = class_token_attention(jnp.asarray(w[0]))
     assert maps.shape == (2, 4, 4, 4)
     np.testing.assert_array_equal(np.asarray(maps)[1, 2].ravel(), w[0][1, 2, 0, 1:])
+    # Stacked layers are the same layers; one 4-D array is one layer.
+    np.testing.assert_array_equal(np.asarray(attention_rollout(np.stack(w))),
+                                  np.asarray(attention_rollout(w)))
+    np.testing.assert_array_equal(np.asarray(attention_rollout(w[0])),
+                                  np.asarray(attention_rollout(w[:1])))
+    with pytest.raises(ValueError, match=r"each layer's attention weights as a \(batch, heads"):
+        attention_rollout([w[0][0]])
+    with pytest.raises(ValueError, match="one layer's attention weights"):
+        class_token_attention(w)
+    with pytest.raises(ValueError, match="16 patch tokens do not fill a 3x3 grid"):
+        class_token_attention(w[0], grid=(3, 3))
 
 
 # ---------------------------------------------------------------- command line

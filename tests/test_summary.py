@@ -36,3 +36,20 @@ def test_cli_errors(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert main(["mlp", "--size", "3", "3"]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+def test_arguments_a_notebook_user_would_pass():
+    import pytest
+
+    import jaxnets
+
+    with pytest.raises(TypeError, match="registered model's name .* not a LeNet5"):
+        summarize(jaxnets.create_model("lenet5"))
+    rows, _ = summarize("resnet18", size=64)
+    assert {r.path: r for r in rows}["layer4"].output_shape == "[1, 2, 2, 512]"
+
+
+def test_cli_refuses_sizes_below_the_models_minimum(capsys):
+    # XLA would shrink AlexNet's maps to nothing (a [1, 0, 0, 256] row) and go on.
+    assert main(["alexnet", "--size", "32", "32"]) == 2
+    assert "at least 63x63; got 32x32" in capsys.readouterr().err
