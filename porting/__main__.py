@@ -178,7 +178,7 @@ def _locate_run(path: Path):
 def _export(args: argparse.Namespace) -> None:
     import jaxnets
     from porting import hub, pretrained
-    from porting.state_dict import to_torch_state_dict
+    from porting.state_dict import to_torch_state_dict, to_torch_tensor
 
     if args.arch is not None:
         jaxnets.get_spec(args.arch)
@@ -255,9 +255,9 @@ def _export(args: argparse.Namespace) -> None:
             except ImportError:
                 raise CliError("writing .pth needs torch (pip install torch); "
                                "write .safetensors instead") from None
+            # to_torch_tensor: torch.from_numpy refuses bfloat16 (an ml_dtypes array).
             torch.save(collections.OrderedDict(
-                (k, torch.from_numpy(np.require(v, requirements="CW"))) for k, v in state.items()),
-                tmp)
+                (k, to_torch_tensor(v)) for k, v in state.items()), tmp)
         hub.usual_permissions(tmp)
         os.replace(tmp, args.out)
     finally:
@@ -275,7 +275,6 @@ def _weights(args: argparse.Namespace) -> None:
         jaxnets.get_spec(args.arch)  # an unknown name: the registry's error, with suggestions
         raise CliError(f"{args.arch} has no pretrained weights in the table (torchvision "
                        "publishes none for it)")
-        raise CliError(f"{args.arch} has weights in the table but is not registered in jaxnets")
     for name in names:
         w = get_weights(name)
         print(f"{name:40s} acc@1={w.metrics.get('acc@1')} {w.url}")

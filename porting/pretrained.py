@@ -29,6 +29,7 @@ those values are the ones ``jaxnets.create_model(arch, seed=seed)`` gives.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -395,6 +396,22 @@ def _read_torch_like(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     return loaded.state_dict, list(loaded.notes)
 
 
+def _refuse_run_directory(path: Path) -> None:
+    """A ``train.finetune`` run directory holds Orbax checkpoints, not torch weights:
+    say what loads one instead of failing to read it as safetensors."""
+    if not path.is_dir():
+        return
+    try:
+        from train.checkpoint import locate_run
+    except ImportError:  # pragma: no cover -- train is part of this distribution
+        return
+    if locate_run(str(path)) is not None:
+        raise PortingError(f"{path} is a train.finetune run directory, not a weights file: "
+                           f"load its model with train.checkpoint.load_model({str(path)!r}) "
+                           "(returns (model, step)), or write a .pth with python -m porting "
+                           f"export --checkpoint {path} --out FILE.pth")
+
+
 def is_weights_path(weights: Any) -> bool:
     """Whether a ``weights`` argument names a file/directory rather than registry weights.
 
@@ -417,8 +434,9 @@ def resolve_weights(arch: str, weights: str | Weights) -> Weights:
 
     Args:
       arch: registry name.
-      weights: ``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"resnet50.IMAGENET1K_V1"``
-        or a ``Weights``.
+      weights: ``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"resnet50.IMAGENET1K_V1"``,
+        a torchvision weights enum member (``ResNet50_Weights.DEFAULT``) or a
+        ``Weights``.
 
     Returns:
       The ``Weights``.
@@ -428,7 +446,7 @@ def resolve_weights(arch: str, weights: str | Weights) -> Weights:
     """
     if isinstance(weights, Weights):
         w = weights
-    elif isinstance(weights, str) and "." in weights:
+    elif isinstance(weights, enum.Enum) or (isinstance(weights, str) and "." in weights):
         w = get_weights(weights)
     else:
         w = get_weights((arch, str(weights)))
@@ -567,7 +585,8 @@ def load_torchvision(arch: str, weights: Any = "DEFAULT", *, num_classes: int | 
     Args:
       arch: registry name, e.g. ``"resnet50"``.
       weights: ``"DEFAULT"``, a weights name (``"IMAGENET1K_V1"`` or
-        ``"resnet50.IMAGENET1K_V1"``), a ``porting.weights.Weights``, a path
+        ``"resnet50.IMAGENET1K_V1"``), a torchvision weights enum member
+        (``ResNet50_Weights.DEFAULT``), a ``porting.weights.Weights``, a path
         (``.pth``/``.pt``/``.bin``, ``.safetensors`` file/index/directory, or a
         converted directory), or None for random initialisation.
       num_classes: classifier outputs. When it differs from the checkpoint's,
@@ -592,7 +611,8 @@ def load_torchvision(arch: str, weights: Any = "DEFAULT", *, num_classes: int | 
         (the message gives the URL and where to put the file).
       ValueError: a corrupt checkpoint (``PthError``, ``SafetensorsFileError``)
         or one for another architecture (``PortingError``, prefixed by the
-        file name and naming the keys).
+        file name and naming the keys); a ``train.finetune`` run directory
+        (``PortingError`` naming ``train.checkpoint.load_model``).
     """
     jaxnets.get_spec(arch)
     if weights is None:
@@ -612,6 +632,7 @@ def load_torchvision(arch: str, weights: Any = "DEFAULT", *, num_classes: int | 
                 default_classes=meta.get("num_classes"), overrides=overrides, consume=True)
             source_notes = [f"source: converted directory {path}"]
         else:
+            _refuse_run_directory(path)
             sd, pth_notes = _read_torch_like(path)
             model, report, nc = load_into_abstract(
                 arch, sd, torch_keys=True, label=path.name, num_classes=num_classes,

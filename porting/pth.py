@@ -39,6 +39,7 @@ __all__ = [
     "TorchDtype",
     "load_pth",
     "load_state_dict_file",
+    "unwrap_state_dict",
 ]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -46,7 +47,8 @@ _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b"PK\x03\x04"
 _TAR_MAGIC_OFFSET = 257
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
-_DP_PREFIX = "module."
+# DataParallel/DDP, torch.compile.
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 _NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t)
@@ -478,33 +480,47 @@ def _load_raw(path: str | os.PathLike) -> Any:
             ) from None
 
 
-def _is_flat_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(v, np.ndarray) for v in obj.values()
+def _is_tensor(value: Any) -> bool:
+    # numpy arrays from a file; torch tensors or jax arrays from memory.
+    return isinstance(value, np.ndarray) or (
+        hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, Mapping)
     )
 
 
-def load_state_dict_file(path: str | os.PathLike) -> LoadedStateDict:
-    """Loads a checkpoint and extracts its model state_dict.
+def _is_flat_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(_is_tensor(v) for v in obj.values())
+
+
+def _holds_tensors(obj: Any, depth: int = 4) -> bool:
+    # Bounded because a crafted pickle can make a dict that contains itself.
+    return depth > 0 and isinstance(obj, Mapping) and any(
+        _is_tensor(v) or _holds_tensors(v, depth - 1) for v in obj.values()
+    )
+
+
+def unwrap_state_dict(obj: Any, *, source: str = "state_dict") -> LoadedStateDict:
+    """Extracts the model state_dict from a checkpoint object, loaded or in memory.
 
     Wrapper dicts such as ``{"epoch": 3, "state_dict": {...}}`` are unwrapped
     (keys ``state_dict``, ``model_state_dict``, ``model``, ``module``, repeatedly,
     unless the current dict is already a flat name -> tensor dict), non-tensor
-    entries are dropped, and a ``module.`` prefix shared by every key
-    (DataParallel/DDP) is stripped.
+    entries are dropped, and a ``module.`` (DataParallel/DDP) or ``_orig_mod.``
+    (``torch.compile``) prefix shared by every key is stripped, repeatedly.
 
     Args:
-        path: A ``.pth``/``.pt`` file written by ``torch.save``.
+        obj: The checkpoint: name -> tensor (numpy arrays, torch tensors or jax
+            arrays), possibly wrapped.
+        source: How to spell ``obj`` in code, for the hint given when its
+            state_dicts sit under keys that are not known wrappers.
 
     Returns:
-        ``LoadedStateDict(state_dict, notes)``: a plain dict of numpy arrays and
-        a list of notes describing each unwrapping step taken.
+        ``LoadedStateDict(state_dict, notes)``: the state_dict (``obj`` itself
+        when there was nothing to do) and a note per unwrapping step taken.
 
     Raises:
-        PthError: The file cannot be read, is refused, or holds no tensors.
+        PthError: ``obj`` is not a mapping, holds no tensors (naming the keys
+            that hold state_dicts, if any) or has non-string keys.
     """
-    path = os.fspath(path)
-    obj = _load_raw(path)
     notes: list[str] = []
     # Bounded because a crafted pickle can make a dict that contains itself.
     for _ in range(8):
@@ -514,22 +530,64 @@ def load_state_dict_file(path: str | os.PathLike) -> LoadedStateDict:
         if key is None:
             break
         notes.append(f"unwrapped '{key}'")
+        source += f"[{key!r}]"
         obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise PthError(f"cannot load {path}: holds a {type(obj).__name__}, not a state_dict")
-    state = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+        raise PthError(f"holds a {type(obj).__name__}, not a state_dict")
+    state = obj if _is_flat_tensor_dict(obj) else {
+        k: v for k, v in obj.items() if _is_tensor(v)}
     if not state:
-        raise PthError(f"cannot load {path}: no tensors found in the state_dict")
+        nested = [k for k, v in obj.items() if _holds_tensors(v)]
+        if nested:
+            raise PthError(
+                f"no tensors at the top level of the state_dict, but state_dicts under "
+                f"{', '.join(map(repr, nested))}: pick one and load it with "
+                f"porting.load_torch_state_dict(model, {source}[{nested[0]!r}])"
+            )
+        raise PthError("no tensors found in the state_dict")
     if not all(isinstance(k, str) for k in state):
-        raise PthError(f"cannot load {path}: state_dict has non-string keys")
+        raise PthError("state_dict has non-string keys")
     dropped = [str(k) for k in obj if k not in state]
     if dropped:
         shown = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
         notes.append(f"dropped {len(dropped)} non-tensor entries ({shown})")
-    if all(k.startswith(_DP_PREFIX) for k in state):
-        state = {k[len(_DP_PREFIX) :]: v for k, v in state.items()}
-        notes.append(f"stripped '{_DP_PREFIX}' prefix from {len(state)} keys")
+    for _ in range(len(_STRIP_PREFIXES) * 2):
+        prefix = next((p for p in _STRIP_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+        notes.append(f"stripped '{prefix}' prefix from {len(state)} keys")
     return LoadedStateDict(state, notes)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> LoadedStateDict:
+    """Loads a checkpoint and extracts its model state_dict.
+
+    The state_dict is taken out as :func:`unwrap_state_dict` does: wrappers
+    such as ``{"epoch": 3, "state_dict": {...}}`` removed, non-tensor entries
+    dropped, a ``module.`` (DataParallel/DDP) or ``_orig_mod.``
+    (``torch.compile``) prefix shared by every key stripped.
+
+    Args:
+        path: A ``.pth``/``.pt`` file written by ``torch.save``.
+
+    Returns:
+        ``LoadedStateDict(state_dict, notes)``: a plain dict of numpy arrays and
+        a list of notes describing each unwrapping step taken.
+
+    Raises:
+        PthError: The file cannot be read, is refused, or holds no tensors
+            (naming the keys of nested state_dicts to pick from, if any).
+    """
+    path = os.fspath(path)
+    obj = _load_raw(path)
+    try:
+        state, notes = unwrap_state_dict(
+            obj, source=f"porting.pth.load_pth({path!r}, unwrap=False)")
+    except PthError as e:
+        raise PthError(f"cannot load {path}: {e}") from None
+    # A plain dict, whatever container the pickle held.
+    return LoadedStateDict(dict(state), notes)
 
 
 def load_pth(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str, np.ndarray] | Any:
@@ -538,9 +596,9 @@ def load_pth(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str, np.nd
     Args:
         path: A file written by ``torch.save`` (zip or legacy format).
         unwrap: If True, return only the model state_dict, as
-            :func:`load_state_dict_file` does (wrappers removed, ``module.``
-            prefix stripped). If False, return the whole pickled object, as
-            ``torch.load(path, weights_only=True)`` would, with numpy arrays in
+            :func:`load_state_dict_file` does (wrappers removed, ``module.``/
+            ``_orig_mod.`` prefix stripped). If False, return the whole pickled
+            object, as ``torch.load(path, weights_only=True)`` would, with numpy arrays in
             place of tensors and parameters, tuples in place of ``torch.Size``
             and :class:`TorchDtype` in place of ``torch.dtype``.
 
@@ -549,7 +607,8 @@ def load_pth(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str, np.nd
 
     Raises:
         PthError: The file is missing, truncated, not a checkpoint, lacks a
-            record, or references a global other than tensors and containers.
+            record, references a global other than tensors and containers, or
+            (``unwrap=True``) holds no state_dict.
     """
     if unwrap:
         return load_state_dict_file(path).state_dict

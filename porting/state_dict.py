@@ -16,13 +16,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from porting.pth import PthError, unwrap_state_dict
 from porting.rules import rules_for, torch_key
 
 __all__ = ["PortingError", "LoadReport", "load_torch_state_dict", "to_torch_state_dict",
-           "flax_to_torch", "flax_variables", "to_numpy", "to_device", "as_contiguous"]
+           "flax_to_torch", "flax_variables", "to_numpy", "to_torch_tensor", "to_device",
+           "as_contiguous"]
 
 
 class PortingError(ValueError):
@@ -96,6 +99,38 @@ def _torch_int16():
     return torch.int16
 
 
+def to_torch_tensor(array: Any):
+    """A numpy (or jax) array as a torch tensor, ``bfloat16`` and ``float8`` included.
+
+    ``torch.from_numpy`` refuses ``ml_dtypes`` arrays (numpy has no bf16): those
+    go through their bits, an integer array of the same width, viewed back as
+    torch's dtype of the same name. Needs torch.
+
+    Args:
+      array: the array.
+
+    Returns:
+      A CPU tensor; it shares memory with ``array`` where that is a C-contiguous,
+      writeable numpy array.
+    """
+    import torch
+
+    array = np.require(np.asarray(array), requirements="CW")
+    if array.dtype.kind == "V" and array.dtype.names is None:  # an ml_dtypes type
+        dtype = getattr(torch, array.dtype.name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"torch has no {array.dtype.name} dtype; cast the array to "
+                            "float32 first")
+        return torch.from_numpy(array.view(f"i{array.dtype.itemsize}")).view(dtype)
+    return torch.from_numpy(array)
+
+
+def _require_module(model: Any, what: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{what} takes an nnx.Module (e.g. jaxnets.create_model(...)), got "
+                        f"{type(model).__name__}")
+
+
 def flax_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
     """Every parameter and batch statistic of a model by dotted path.
 
@@ -140,7 +175,11 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     Args:
       model: the model, e.g. from ``jaxnets.create_model`` (or a shape-only
         model from ``porting.pretrained.build_abstract``).
-      state_dict: torch key -> torch tensor or numpy array.
+      state_dict: torch key -> torch tensor or numpy array. Unwrapped as a
+        ``.pth`` file is (``porting.pth.unwrap_state_dict``): a
+        ``{"state_dict": ...}``/``{"model": ...}`` wrapper, non-tensor entries
+        and a ``module.`` (DataParallel) or ``_orig_mod.`` (``torch.compile``)
+        prefix of every key are taken off, each noted in the report.
       strict: raise unless every key matches (as ``torch.nn.Module.load_state_dict``).
       ignore: regexes (``re.search``) of torch keys to leave out on purpose on
         both sides, e.g. ``(r"^fc\\.",)`` to keep a freshly initialised head.
@@ -148,22 +187,32 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
         over: each loaded entry is removed from it as it is converted and its
         memory may be adopted by the model without a copy, so a load's peak
         memory stays near one checkpoint instead of two. It is only touched
-        once the checks have passed.
+        once the checks have passed. (A state_dict whose keys lose a prefix
+        is read through a renamed copy: its own entries are not removed.)
 
     Returns:
       A ``LoadReport``.
 
     Raises:
+      TypeError: ``model`` is not an ``nnx.Module``.
       PortingError: with ``strict`` and any missing or unexpected key, or
-        always on a shape mismatch; it names every offending key and the
-        model (and a consumed state_dict) is left unchanged.
+        always on a shape mismatch, or a state_dict without tensors; it names
+        every offending key and the model (and a consumed state_dict) is left
+        unchanged.
     """
+    _require_module(model, "load_torch_state_dict")
     if not isinstance(state_dict, Mapping):
         raise PortingError(f"expected a state_dict mapping, got {type(state_dict).__name__}")
+    unwrap_notes: list[str] = []
+    if state_dict:
+        try:
+            state_dict, unwrap_notes = unwrap_state_dict(state_dict)
+        except PthError as e:
+            raise PortingError(str(e)) from None
     ignore_re = _compile(ignore)
     ignored = lambda k: any(p.search(k) for p in ignore_re)  # noqa: E731
     index = _torch_index(model)
-    report = LoadReport()
+    report = LoadReport(notes=list(unwrap_notes))
     plan = []
     for key, (path, var, layout) in index.items():
         if ignored(key):
@@ -184,7 +233,7 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
         if key not in index:
             (report.ignored if ignored(key) else report.unexpected).append(key)
     if report.mismatched or (strict and not report.ok):
-        raise PortingError(_mismatch_message(model, report, len(state_dict)))
+        raise PortingError(_mismatch_message(model, report, state_dict))
     casts: dict[str, int] = {}
     for key, var, layout, dtype in plan:
         raw = state_dict.pop(key) if consume else state_dict[key]
@@ -283,8 +332,8 @@ def to_device(value: np.ndarray, dtype: Any, *, owned: bool) -> jax.Array:
     return jax.device_put(_aligned_copy(value, dtype), may_alias=True)
 
 
-def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
-    name = type(model).__name__
+def _mismatch_message(model, report: LoadReport, state_dict: Mapping[str, Any]) -> str:
+    name, n_given = type(model).__name__, len(state_dict)
     lines = [f"state_dict does not fit {name}:"]
     matched = len(report.loaded)
     if n_given and matched < 0.5 * n_given:
@@ -302,28 +351,90 @@ def _mismatch_message(model, report: LoadReport, n_given: int) -> str:
             # Only output counts differ: what another class count looks like.
             lines.append("  (a checkpoint with another class count: pass num_classes to get "
                          "a fresh head, or ignore=(<head regex>,))")
+    adapted = _adapt_notes(model, state_dict)
+    if adapted:
+        lines.append(f"  (hint: the model's own fix-ups would change this checkpoint "
+                     f"({'; '.join(adapted)}): state_dict, notes = "
+                     "model.adapt_torch_state_dict(state_dict) before loading; "
+                     "porting.load_torchvision does it itself)")
     return "\n".join(lines)
 
 
-def flax_to_torch(model_or_class, flat: Mapping[str, Any], *,
+def _adapt_notes(model, state_dict: Mapping[str, Any]) -> list[str]:
+    """What the family's ``adapt_torch_state_dict`` hook (ViT: a position embedding of
+    another image size, old key names) would change in ``state_dict``: the loaders of
+    ``porting.pretrained`` apply it, ``load_torch_state_dict`` does not."""
+    if not hasattr(model, "adapt_torch_state_dict"):
+        return []
+    try:
+        return list(model.adapt_torch_state_dict(state_dict)[1])
+    except Exception:  # only a hint: the mismatch itself is the error to report
+        return []
+
+
+def _is_numeric(dtype: np.dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
+
+
+def flax_to_torch(model_or_class, flat: Mapping[str, Any] | nnx.State, *,
                   contiguous: bool = True) -> dict[str, np.ndarray]:
-    """Map a flat ``{flax_path: array}`` (e.g. gradients) to torch keys and layouts.
+    """Map flax parameters or gradients to torch keys and layouts.
 
     Args:
-      model_or_class: the model (or its class) whose rule table applies.
-      flat: dotted flax paths to arrays.
+      model_or_class: the model whose rule table applies. Given a model, every
+        path must be one of its parameters or statistics, of the same shape;
+        given only its class, paths are not checked.
+      flat: dotted flax paths to arrays (``{"conv1.kernel": ...}``), or an
+        ``nnx.State`` such as ``nnx.grad`` returns; RNG state in it
+        (``nnx.RngState``), which no torch state_dict holds, is left out.
       contiguous: return C-contiguous arrays, as torch wants them; False
         returns (possibly transposed) views, which is enough to compare values
         and saves a copy of every kernel.
 
     Returns:
       torch key -> numpy array in torch layout.
+
+    Raises:
+      TypeError: ``model_or_class`` is neither an ``nnx.Module`` nor its class.
+      PortingError: a value that is not a numeric array, or (given a model) a
+        path that is not a parameter or statistic of it or a shape that differs
+        from it; naming them.
     """
+    if not (isinstance(model_or_class, nnx.Module) or (
+            isinstance(model_or_class, type) and issubclass(model_or_class, nnx.Module))):
+        raise TypeError("flax_to_torch takes an nnx.Module or its class (e.g. "
+                        f"jaxnets.create_model(...)), got {type(model_or_class).__name__}")
+    if isinstance(flat, nnx.State):
+        flat = {".".join(map(str, path)): value for path, value in nnx.to_flat_state(flat)
+                if not isinstance(value, nnx.RngState)}
+    elif not isinstance(flat, Mapping):
+        raise PortingError(f"flax_to_torch takes a mapping of flax paths to arrays or an "
+                           f"nnx.State, got {type(flat).__name__}")
+    arrays = {path: np.asarray(value) for path, value in flat.items()}
+    bad = [f"{p} ({type(flat[p]).__name__})" for p, a in arrays.items()
+           if not _is_numeric(a.dtype)]
+    if bad:
+        raise PortingError(f"flax_to_torch takes numeric arrays by dotted flax path (or an "
+                           f"nnx.State); not numeric: {_short(bad)}")
+    if isinstance(model_or_class, nnx.Module):
+        variables = flax_variables(model_or_class)
+        name = type(model_or_class).__name__
+        unknown = [p for p in arrays if p not in variables]
+        if unknown:
+            raise PortingError(f"{name} has no parameter or statistic at {len(unknown)} of "
+                               f"the paths given: {_short(unknown)} (its paths look like "
+                               f"{_short(list(variables), 2)})")
+        shapes = {p: tuple(variables[p].get_value().shape) for p in arrays}
+        wrong = [f"{p} expected {list(shapes[p])} got {list(a.shape)}"
+                 for p, a in arrays.items() if tuple(a.shape) != shapes[p]]
+        if wrong:
+            raise PortingError(f"{len(wrong)} arrays of another shape than {name}'s "
+                               f"variables: {_short(wrong)}")
     rules = rules_for(model_or_class)
     out = {}
-    for path, value in flat.items():
+    for path, array in arrays.items():
         key, layout = torch_key(path, rules)
-        array = layout.to_torch(np.asarray(value))
+        array = layout.to_torch(array)
         out[key] = as_contiguous(array) if contiguous else array
     return out
 
@@ -332,13 +443,20 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters and statistics as a torch state_dict of numpy arrays.
 
     The exact inverse of ``load_torch_state_dict``: it loads into the torch
-    model with ``strict=True`` (``torch.from_numpy`` each value).
+    model with ``strict=True`` (``torch.from_numpy`` each value). Each array
+    keeps the model's dtype: a ``bfloat16`` model gives ``ml_dtypes.bfloat16``
+    arrays, which ``torch.from_numpy`` refuses; ``porting.to_torch_tensor``
+    converts them (and any other value) bit for bit.
 
     Args:
       model: the NNX model.
 
     Returns:
       torch key -> numpy array.
+
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module``.
     """
+    _require_module(model, "to_torch_state_dict")
     flat = {path: var.get_value() for path, var in flax_variables(model).items()}
     return flax_to_torch(model, flat)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import functools
 import json
 import re
@@ -182,8 +183,10 @@ def get_weights(spec: str | tuple[str, str] | Weights) -> Weights:
 
     Args:
       spec: ``"resnet50"`` (torchvision's DEFAULT), ``"resnet50.DEFAULT"``,
-        ``"resnet50.IMAGENET1K_V1"``, ``("resnet50", "IMAGENET1K_V1")``, or a
-        ``Weights`` (returned as is; tests use this to point at a local server).
+        ``"resnet50.IMAGENET1K_V1"``, ``("resnet50", "IMAGENET1K_V1")``, a
+        torchvision weights enum member (``ResNet50_Weights.IMAGENET1K_V1``;
+        torch is not needed to look one up otherwise), or a ``Weights``
+        (returned as is; tests use this to point at a local server).
 
     Returns:
       The ``Weights``.
@@ -194,7 +197,11 @@ def get_weights(spec: str | tuple[str, str] | Weights) -> Weights:
     """
     if isinstance(spec, Weights):
         return spec
-    if isinstance(spec, tuple):
+    if isinstance(spec, enum.Enum):
+        # torchvision's WeightsEnum: class <Arch>_Weights, member named as the entry
+        # (DEFAULT is an alias, so its name is the entry's).
+        arch, name = type(spec).__name__.removesuffix("_Weights").lower(), spec.name
+    elif isinstance(spec, tuple):
         arch, name = spec
     elif isinstance(spec, str):
         arch, _, name = spec.partition(".")

@@ -257,3 +257,28 @@ def test_abstract_builds_are_independent():
     first.fc3.bias.set_value(jnp.ones(10))
     second = build_abstract("lenet5")
     assert isinstance(second.fc3.bias.get_value(), jax.ShapeDtypeStruct)
+
+
+def test_torchvision_weights_enum_members_are_accepted():
+    from torchvision.models import ResNet50_Weights, ResNet18_Weights, ViT_B_16_Weights
+
+    assert get_weights(ResNet18_Weights.DEFAULT) is get_weights("resnet18")
+    assert pretrained.resolve_weights("resnet18", ResNet18_Weights.IMAGENET1K_V1) \
+        is get_weights("resnet18.IMAGENET1K_V1")
+    w = pretrained.resolve_weights("resnet50", ResNet50_Weights.IMAGENET1K_V2)
+    assert w.spec == "resnet50.IMAGENET1K_V2" and w.url == ResNet50_Weights.IMAGENET1K_V2.url
+    assert get_weights(ViT_B_16_Weights.DEFAULT).spec == "vit_b_16.IMAGENET1K_V1"
+    # Another architecture's weights: the same error as for a name (before any download).
+    with pytest.raises(UnknownWeightsError, match="resnet50.IMAGENET1K_V2 are for resnet50, "
+                                                  "not resnet18"):
+        pretrained.load_torchvision("resnet18", ResNet50_Weights.IMAGENET1K_V2)
+
+
+def test_run_directory_points_to_train_checkpoint_load_model(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for path in (run, run / "checkpoints"):
+        with pytest.raises(PortingError, match=rf"{path} is a train.finetune run directory, not a "
+                                               rf"weights file: load its model with "
+                                               rf"train\.checkpoint\.load_model\('{path}'\)"):
+            pretrained.from_torchvision("lenet5", path)

@@ -455,3 +455,41 @@ def test_compressed_zip_records_are_read(tmp_path):
 def test_load_pth_accepts_str_paths(tmp_path):
     out = load_pth(str(_zip_checkpoint(tmp_path)))
     np.testing.assert_array_equal(out["w"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+
+
+def test_torch_compile_prefix_stripped(tmp_path):
+    compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+    dp = {f"module.{k}": v for k, v in compiled.state_dict().items()}
+    assert list(compiled.state_dict()) == ["_orig_mod.0.weight", "_orig_mod.0.bias"]
+    path = _save({"state_dict": dp}, tmp_path / "compiled.pth", "zip")
+    loaded, notes = load_state_dict_file(path)
+    assert notes == ["unwrapped 'state_dict'", "stripped 'module.' prefix from 2 keys",
+                     "stripped '_orig_mod.' prefix from 2 keys"]
+    assert list(loaded) == ["0.weight", "0.bias"] and type(loaded) is dict
+
+
+@pytest.mark.parametrize(("obj", "keys", "pick"), [
+    ({"net": "sd", "ema": "sd", "epoch": 3}, "'net', 'ema'", "['net']"),
+    ({"model_state": "sd"}, "'model_state'", "['model_state']"),
+    ({"model": {"generator": "sd", "discriminator": "sd"}}, "'generator', 'discriminator'",
+     "['model']['generator']"),
+])
+def test_state_dicts_under_other_keys_are_named(tmp_path, obj, keys, pick):
+    def fill(o):
+        return _small_sd() if o == "sd" else {k: fill(v) for k, v in o.items()} \
+            if isinstance(o, dict) else o
+
+    path = _save(fill(obj), tmp_path / "w.pth", "zip")
+    with pytest.raises(PthError) as e:
+        load_pth(path)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load {path}: no tensors at the top level") and keys in msg
+    expr = f"porting.pth.load_pth({str(path)!r}, unwrap=False){pick}"
+    assert f"porting.load_torch_state_dict(model, {expr})" in msg
+    # The expression named picks a state_dict.
+    picked = eval(expr.removeprefix("porting.pth."), {"load_pth": load_pth})
+    assert list(picked) == list(_small_sd())
+    # A file without any tensor keeps the plain message.
+    empty = _save({"epoch": 3}, tmp_path / "none.pth", "zip")
+    with pytest.raises(PthError, match=r"none\.pth: no tensors found in the state_dict$"):
+        load_pth(empty)

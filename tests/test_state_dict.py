@@ -180,3 +180,129 @@ def test_round_trip_check_is_bitwise():
     big = np.random.default_rng(0).standard_normal((300, 700)).astype(np.float32)
     assert _same_bits(big.T, np.ascontiguousarray(big.T))  # views compare by value
     assert _same_bits(np.array(3, np.int64), np.array(3, np.int64))
+
+
+def test_flax_to_torch_takes_nnx_grad_state_and_checks_paths(lenet_pair):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from porting import flax_to_torch
+    from porting.state_dict import flax_variables
+
+    _, model = lenet_pair
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    assert isinstance(grads, nnx.State)
+    got = flax_to_torch(model, grads)
+    flat = {".".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(grads)}
+    want = flax_to_torch(model, flat)
+    assert sorted(got) == sorted(to_torch_state_dict(model)) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert got["fc1.weight"].shape == (120, 400) and np.abs(got["fc1.weight"]).max() > 0
+    # Paths the model does not have, wrong shapes and non-arrays are refused, named.
+    with pytest.raises(PortingError, match=r"no parameter or statistic at 1 of the paths "
+                                           r"given: nope\.kernel \(its paths look like conv1"):
+        flax_to_torch(model, {"nope.kernel": np.zeros((2, 3)), **flat})
+    with pytest.raises(PortingError, match=r"fc3\.bias expected \[10\] got \[3\]"):
+        flax_to_torch(model, {"fc3.bias": np.zeros(3, np.float32)})
+    with pytest.raises(PortingError, match=r"not numeric: conv1 \(dict\), fc3\.bias \(str\)"):
+        flax_to_torch(model, {"conv1": {"kernel": flat["conv1.kernel"]}, "fc3.bias": "x"})
+    # Given only the class, the rule table still applies (paths cannot be checked).
+    assert flax_to_torch(type(model), {"fc1.kernel": flat["fc1.kernel"]})["fc1.weight"].shape \
+        == (120, 400)
+    with pytest.raises(TypeError, match="flax_to_torch takes an nnx.Module or its class"):
+        flax_to_torch(None, flat)
+    assert set(flat) <= set(flax_variables(model))
+
+
+@pytest.mark.parametrize(("wrap", "notes"), [
+    (lambda sd: {f"module.{k}": v for k, v in sd.items()},
+     ["stripped 'module.' prefix from 10 keys"]),
+    (lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+     ["stripped '_orig_mod.' prefix from 10 keys"]),
+    (lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+     ["stripped 'module.' prefix from 10 keys", "stripped '_orig_mod.' prefix from 10 keys"]),
+    (lambda sd: {"epoch": 3, "state_dict": sd}, ["unwrapped 'state_dict'"]),
+    (lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}},
+     ["unwrapped 'model'", "stripped 'module.' prefix from 10 keys"]),
+    (lambda sd: {**sd, "epoch": 3}, ["dropped 1 non-tensor entries (epoch)"]),
+])
+def test_in_memory_state_dict_is_unwrapped_like_a_file(lenet_pair, wrap, notes):
+    tmodel, model = lenet_pair
+    sd = tmodel.state_dict()
+    report = load_torch_state_dict(model, wrap(sd))
+    assert report.ok and report.notes == notes and sorted(report.loaded) == sorted(sd)
+    np.testing.assert_array_equal(model.fc3.bias[...], sd["fc3.bias"].numpy())
+
+
+def test_state_dicts_under_other_keys_are_named(lenet_pair):
+    tmodel, model = lenet_pair
+    sd = tmodel.state_dict()
+    with pytest.raises(PortingError, match=r"state_dicts under 'net', 'ema': pick one and load "
+                                           r"it with porting\.load_torch_state_dict\(model, "
+                                           r"state_dict\['net'\]\)"):
+        load_torch_state_dict(model, {"net": sd, "ema": sd, "epoch": 3})
+    with pytest.raises(PortingError, match="no tensors found in the state_dict"):
+        load_torch_state_dict(model, {"epoch": 3})
+
+
+def test_not_a_model_is_a_type_error():
+    with pytest.raises(TypeError, match="load_torch_state_dict takes an nnx.Module .* NoneType"):
+        load_torch_state_dict(None, {})
+    with pytest.raises(TypeError, match="to_torch_state_dict takes an nnx.Module .* dict"):
+        to_torch_state_dict({"conv1.kernel": np.zeros(3)})
+
+
+def test_vit_at_another_image_size_names_adapt_torch_state_dict():
+    from flax import nnx
+
+    from jaxnets.vit import VisionTransformer
+
+    sd = to_torch_state_dict(VisionTransformer(64, 8, 2, 4, 16, 24, rngs=nnx.Rngs(0)))
+    small = VisionTransformer(32, 8, 2, 4, 16, 24, rngs=nnx.Rngs(1))
+    with pytest.raises(PortingError) as e:
+        load_torch_state_dict(small, sd)
+    msg = str(e.value)
+    assert "encoder.pos_embedding expected [1, 17, 16] got [1, 65, 16]" in msg
+    assert "model.adapt_torch_state_dict(state_dict)" in msg and "load_torchvision" in msg
+    assert "interpolated encoder.pos_embedding [1, 65, 16] -> [1, 17, 16]" in msg
+    adapted, notes = small.adapt_torch_state_dict(sd)
+    assert load_torch_state_dict(small, adapted).ok and notes
+    # No hint where the hook would change nothing, or for a family without one.
+    del adapted["encoder.ln.bias"]
+    with pytest.raises(PortingError, match=r"1 missing: encoder\.ln\.bias$"):
+        load_torch_state_dict(small, adapted)
+    with pytest.raises(PortingError) as e:
+        load_torch_state_dict(jaxnets.create_model("lenet5"), {"fc3.bias": np.zeros(3)},
+                              strict=False)
+    assert "adapt_torch_state_dict" not in str(e.value)
+
+
+def test_bf16_model_exports_to_torch_bit_for_bit(tmp_path):
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from porting import to_torch_tensor
+    from porting.state_dict import flax_variables
+
+    torch.manual_seed(0)
+    tmodel = build_torch_model("lenet5").to(torch.bfloat16)
+    model = jaxnets.create_model("lenet5")
+    for var in flax_variables(model).values():
+        var.set_value(var.get_value().astype(jnp.bfloat16))
+    sd = to_torch_state_dict(model)
+    assert sd["fc1.weight"].dtype == ml_dtypes.bfloat16  # as documented: numpy has no bf16
+    tensors = {k: to_torch_tensor(v) for k, v in sd.items()}
+    assert tensors["fc1.weight"].dtype == torch.bfloat16
+    tmodel.load_state_dict(tensors, strict=True)
+    for k, v in tmodel.state_dict().items():
+        np.testing.assert_array_equal(v.view(torch.int16).numpy(), sd[k].view(np.int16),
+                                      err_msg=k)
+    # ...and saved, read back by torch.
+    torch.save(tensors, tmp_path / "bf16.pth")
+    back = torch.load(tmp_path / "bf16.pth", weights_only=True)
+    assert torch.equal(back["conv1.weight"], tmodel.conv1.weight)
+    assert to_torch_tensor(np.ones(3, np.float32)).dtype == torch.float32
+    f8 = to_torch_tensor(np.array([1.5, -2.0], ml_dtypes.float8_e4m3fn))
+    assert f8.dtype == torch.float8_e4m3fn and f8.float().tolist() == [1.5, -2.0]
