@@ -256,6 +256,15 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
     model, step = load_model(str(run), step=2)
     assert step == 2 and all(np.array_equal(model_flat(model)[k], v)
                              for k, v in _saved(run, 2).items())
+    assert load_model(run, step="2")[1] == 2  # a pathlib.Path and a step typed as text
+    from train.checkpoint import CheckpointError
+
+    for path, step, needle in ((run, "latest", "step must be a step number, 'best' or None"),
+                               (run, -1, "step must be a step number"),
+                               (tmp_path / "nope", None, "nope does not exist"),
+                               (run, 3, "no step 3 in")):
+        with pytest.raises(CheckpointError, match=needle):
+            load_model(path, step=step)
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
     reference = build_torch_model("resnet18_cifar", 10)
     reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in

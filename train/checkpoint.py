@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import sys
 from typing import Any, NamedTuple
@@ -355,6 +356,17 @@ def read_run_weights(path: str, step: int | str | None = None, *,
         CheckpointError: Not a run, no such step, or the step cannot be read
             (the message lists the other steps).
     """
+    if isinstance(step, str) and step != "best":
+        if not step.strip().isdigit():
+            raise CheckpointError(f"step must be a step number, 'best' or None (the newest); "
+                                  f"got {step!r}")
+        step = int(step)
+    elif step is not None and step != "best" and (isinstance(step, bool) or not isinstance(
+            step, numbers.Integral) or step < 0):
+        raise CheckpointError(f"step must be a step number, 'best' or None (the newest); "
+                              f"got {step!r}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
     found = locate_run(path)
     if found is None:
         raise CheckpointError(f"{path} is not a train.finetune run directory (no checkpoints/)")
