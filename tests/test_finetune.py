@@ -5,6 +5,7 @@ steps. The README's full offline command (resnet18, digits, >= 95%) is not
 run here; the short CLI run asserts a lower bar (> 50% after 60 steps).
 """
 
+import dataclasses
 import functools
 import glob
 import json
@@ -226,6 +227,30 @@ def test_flag_values_out_of_range_are_one_line(capsys, flag, value, needle):
     assert e.value.code == 2 and needle in _one_error_line(capsys)
 
 
+def test_color_jitter_flag_reaches_the_train_transform(capsys):
+    from train import config as config_lib
+
+    spec = jaxnets.get_spec("resnet18_cifar")
+    parse = config_lib.parse_args
+    assert parse(LENET + ["--color-jitter", "0.4"]).color_jitter == (0.4, 0.4, 0.4, 0.0)
+    for bad in ("0.1,0.2", "0.1,0.1,0.1,0.6", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            parse(LENET + ["--color-jitter", bad])
+        assert "--color-jitter" in _one_error_line(capsys)
+    cfg = config_lib.resolve(parse(["--arch", "resnet18_cifar", "--dataset", "digits",
+                                    "--color-jitter", "0.4,0.3,0.2,0.1"]),
+                             spec=spec, native_size=8, transforms=None, steps_per_epoch=10)
+    aug = finetune.augment_config(cfg, spec, train=True)
+    assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (0.4, 0.3, 0.2, 0.1)
+    plain = finetune.augment_config(dataclasses.replace(cfg, color_jitter=None), spec, True)
+    assert (plain.brightness, plain.hue) == (0.0, 0.0)
+    from train.augment import train_transform
+
+    images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+    key = jax.random.key(1)
+    assert not np.allclose(train_transform(key, images, aug), train_transform(key, images, plain))
+
+
 def test_shortened_flags_are_refused_and_doubtful_values_noted(capsys):
     # argparse would take --warmup as --warmup-steps; a flag added later could change
     # what an old command means.
@@ -303,11 +328,13 @@ def test_a_resume_with_other_training_flags_says_which(tmp_path, capsys):
     args = LENET + ["--batch-size", "16", "--output-dir", str(run)]
     assert finetune.main(args + ["--steps", "1"]) == 0
     capsys.readouterr()
-    assert finetune.main(args + ["--steps", "2", "--lr", "0.05", "--no-progress"]) == 0
+    assert finetune.main(args + ["--steps", "2", "--lr", "0.05", "--no-progress",
+                                 "--color-jitter", "0.4,0.3,0.2,0.1"]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err
     note = [line for line in err.splitlines() if line.startswith("note: flags changed")]
     assert len(note) == 1 and "lr 0.1 -> 0.05" in note[0] and "steps 1 -> 2" in note[0], err
+    assert "color-jitter (default) -> 0.4 0.3 0.2 0.1" in note[0]
     assert "progress" not in note[0] and "output" not in note[0]
 
 

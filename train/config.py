@@ -59,6 +59,7 @@ class Config:
     resize_size: int | None = None
     crop_scale_min: float | None = None
     hflip: float | None = None
+    color_jitter: tuple[float, ...] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     interpolation: str | None = None
@@ -156,6 +157,18 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _jitter(text: str) -> tuple[float, float, float, float]:
+    """``B,C,S,H`` (torchvision's ColorJitter) or one ``V``: ``V,V,V,0`` (timm's)."""
+    values = _floats(text)
+    if len(values) == 1:
+        values = (values[0],) * 3 + (0.0,)
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected V or B,C,S,H, got {text!r}")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or values[3] > 0.5:
+        raise argparse.ArgumentTypeError(f"needs finite values >= 0 and hue <= 0.5, got {text!r}")
+    return values
+
+
 def _regex(text: str) -> str:
     try:
         re.compile(text)
@@ -241,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, 0.35 otherwise)")
     g.add_argument("--hflip", type=_fraction, default=None,
                    help="horizontal flip probability (auto: 0 for digits, 0.5 otherwise)")
+    g.add_argument("--color-jitter", type=_jitter, default=None, metavar="B,C,S,H",
+                   help="ColorJitter of training images, as torchvision's (brightness, "
+                        "contrast, saturation, hue; hue <= 0.5), or one V for V,V,V,0; "
+                        "none by default")
     g.add_argument("--mean", type=_floats, default=None,
                    help="normalisation mean per channel (auto: the weights', else ImageNet's)")
     g.add_argument("--std", type=_floats, default=None, help="normalisation std per channel")

@@ -240,11 +240,13 @@ def augment_config(cfg, spec, train: bool):
     """The ``AugmentConfig`` of a resolved config."""
     from train.augment import AugmentConfig
 
+    brightness, contrast, saturation, hue = cfg.color_jitter or (0.0,) * 4
     return AugmentConfig(
         crop_size=cfg.image_size,
         resize_size=cfg.resize_size,
         scale=(cfg.crop_scale_min, 1.0),
         flip_prob=cfg.hflip,
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
         mean=tuple(cfg.mean),
         std=tuple(cfg.std),
         channels=spec.in_channels,
