@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnets import compile_cache
-from jaxnets.cli import ArgumentParser
+from jaxnets.cli import ArgumentParser, one_line
 from jaxnets.imageio import to_rgb
 from jaxnets.vit import VIT_VARIANTS, VisionTransformer
 
@@ -276,8 +276,7 @@ def _model_from_state_dict(arch: str, state_dict: dict):
     try:
         report = load_torch_state_dict(model, state_dict)
     except PortingError as e:
-        text = " ".join(line.strip() for line in str(e).splitlines())
-        raise _CliError(text if len(text) <= 1500 else text[:1500] + " ...") from e
+        raise _CliError(one_line(str(e))) from e
     materialize(model, arch, num_classes, 0, **overrides)
     return model, notes + [str(report)]
 

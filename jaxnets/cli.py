@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["ArgumentParser"]
+__all__ = ["ArgumentParser", "one_line"]
+
+
+def one_line(text: str, limit: int = 1500) -> str:
+    """``text`` as one line (runs of whitespace, newlines too, made one space) of at
+    most about ``limit`` characters: a longer one is cut at its last ``", "`` before
+    the limit (between two keys of a list) where there is one, and ends ``" ..."``."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(", ", limit // 2, limit)
+    return (text[:cut] + ", ..." if cut > 0 else text[:limit] + " ...")
 
 
 class ArgumentParser(argparse.ArgumentParser):

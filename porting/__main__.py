@@ -96,8 +96,9 @@ def _step(text: str) -> int | str:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " ..."
+    from jaxnets.cli import one_line
+
+    return one_line(str(e) or type(e).__name__, _MAX_ERROR)
 
 
 def _convert(args: argparse.Namespace) -> None:

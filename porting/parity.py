@@ -38,7 +38,7 @@ import dataclasses
 import functools
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -601,7 +601,8 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
                state_dict: dict | None = None, seed: int = 0, jit: bool | str = True,
                jit64: bool | str | None = None, grads: bool | Sequence[str] = True,
                fp32_grads: bool = False, overrides: dict | None = None,
-               cpu_detours: bool = True) -> ParityResult:
+               cpu_detours: bool = True,
+               progress: Callable[[str], None] | None = None) -> ParityResult:
     """Port a torch model to jaxnets and compare the two.
 
     Judged: eval outputs and train-mode outputs (fp32, absolute), BatchNorm
@@ -631,13 +632,16 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
       overrides: constructor options passed to both models.
       cpu_detours: False traces the jax side as a GPU or TPU would run it
         (``jaxnets.layers.cpu_detours``); no effect off CPU.
+      progress: called with a short line as each stage starts (building the
+        models, each framework's passes), for a command line to show.
 
     Returns:
       The ``ParityResult``.
     """
     return run_parity_inputs(arch, [(size, batch)], state_dict=state_dict, seed=seed, jit=jit,
                              jit64=jit64, grads=grads, fp32_grads=fp32_grads,
-                             overrides=overrides, cpu_detours=cpu_detours)[0]
+                             overrides=overrides, cpu_detours=cpu_detours,
+                             progress=progress)[0]
 
 
 def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, int]], *,
@@ -645,7 +649,8 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
                       jit: bool | str = True, jit64: bool | str | None = None,
                       grads: bool | Sequence[str] = True, fp32_grads: bool = False,
                       overrides: dict | None = None, cpu_detours: bool = True,
-                      grads_at: Sequence[int] | None = None) -> list[ParityResult]:
+                      grads_at: Sequence[int] | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[ParityResult]:
     """``run_parity`` at several input sizes, with one build of the two models.
 
     The models (and, with ``grads``, their float64 copies) are built, ported
@@ -663,8 +668,8 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
       arch: registry name.
       inputs: ``(size, batch)`` pairs; ``size`` None is the spec's default.
         The first one also calibrates the random BatchNorm statistics.
-      state_dict, seed, jit, jit64, grads, fp32_grads, overrides, cpu_detours: as in
-        ``run_parity``.
+      state_dict, seed, jit, jit64, grads, fp32_grads, overrides, cpu_detours, progress:
+        as in ``run_parity``.
       grads_at: the indices of ``inputs`` at which ``grads`` are compared (the
         float64 pass: most of a big model's time); None: at every input. The others
         compare outputs and statistics only.
@@ -674,7 +679,8 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
     """
     with matmul_precision(tf32=False), jaxnets.layers.cpu_detours(cpu_detours):
         return _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads,
-                                  fp32_grads, overrides, grads_at)
+                                  fp32_grads, overrides, grads_at,
+                                  progress or (lambda _: None))
 
 
 @contextlib.contextmanager
@@ -698,7 +704,7 @@ def matmul_precision(*, tf32: bool):
 
 
 def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_grads,
-                       overrides, grads_at) -> list[ParityResult]:
+                       overrides, grads_at, progress) -> list[ParityResult]:
     import copy
 
     overrides = dict(overrides or {})
@@ -721,6 +727,7 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         raise ValueError(f"grads_at: indices of the {len(inputs)} inputs, got {grads_at}")
     if not grads_at:
         modes = ()
+    progress(f"building and porting {arch}")
     spec, tmodel, fmodel = _build_pair(arch, overrides, state_dict, seed, *inputs[0])
     round_trip = compare_round_trip(fmodel, tmodel.state_dict())
     # The train-mode pass updates BatchNorm buffers; every input starts from these
@@ -748,13 +755,13 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         at = modes if i in grads_at else ()
         qs = _compare_at(arch, spec, tmodel, fmodel, models64, bool(at) and i == grads_at[-1],
                          start_buffers, size, batch, seed, (jit, jit if jit64 is None else jit64),
-                         at, fp32_grads)
+                         at, fp32_grads, progress)
         results.append(ParityResult(arch, qs[0], [round_trip] + qs[1:]))
     return results
 
 
 def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size, batch, seed,
-                jits, modes, fp32_grads) -> list:
+                jits, modes, fp32_grads, progress) -> list:
     """One input's passes and judgements: ``[input shape, *quantities]``.
 
     ``models64`` is ``[torch float64 model, jax float64 model]``; on the ``last``
@@ -767,12 +774,18 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
     grads = bool(modes)
     fp32_modes = modes if fp32_grads else ()
     x, x_torch = _inputs(spec, fmodel, size, batch, seed)
+    shape = "x".join(map(str, x.shape))
+    progress(f"torch fp32 passes ({shape})")
     want = _torch_side(tmodel, x_torch, batch, seed, grads=fp32_modes)
+    progress(f"jax fp32 passes ({shape}{', compiling' if jits[0] else ''})")
     got = _jax_side(fmodel, jnp.asarray(x), batch, seed, jits[0], grads=fp32_modes)
     if grads:
+        progress(f"torch float64 gradients ({', '.join(modes)} mode)")
         want64 = _torch_side(models64[0], x_torch.to(torch.float64), batch, seed, grads=modes)
         if last:
             models64[0] = None
+        progress(f"jax float64 gradients ({', '.join(modes)} mode"
+                 f"{', compiling' if jits[1] else ''})")
         with jax.enable_x64(True):
             got64 = _jax_side(models64[1], jnp.asarray(x, jnp.float64), batch, seed, jits[1],
                               grads=modes, outputs=False)

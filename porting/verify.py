@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 from jaxnets import compile_cache
-from jaxnets.cli import ArgumentParser
+from jaxnets.cli import ArgumentParser, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-grads", action="store_true",
                    help="also report fp32 gradients (informational, see porting/parity.py)")
     p.add_argument("--eager", action="store_true", help="run JAX op by op instead of jit")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (the stages as they start)")
     p.add_argument("--no-cpu-detours", dest="cpu_detours", action="store_false",
                    help="on CPU, compute the jax side as a GPU or TPU runs it (XLA's own "
                         "convolutions, pools and attention), not in jaxnets' faster CPU forms")
@@ -110,21 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as e:
             return _fail(str(e))
     t0 = time.perf_counter()
+
+    def progress(stage: str) -> None:  # on stderr: stdout holds the report alone
+        if not args.quiet:
+            print(f"[{time.perf_counter() - t0:5.1f}s] {stage} ...", file=sys.stderr, flush=True)
+
     try:
         result = run_parity(args.arch, size=args.size, batch=args.batch, state_dict=state_dict,
                             seed=args.seed, jit=not args.eager, grads=not args.no_grads,
-                            fp32_grads=args.fp32_grads, cpu_detours=args.cpu_detours)
+                            fp32_grads=args.fp32_grads, cpu_detours=args.cpu_detours,
+                            progress=progress)
     except PortingError as e:
         return _fail(f"{args.weights or args.arch}: {e}")
     except RuntimeError as e:
         if args.weights and "state_dict" in str(e):
             # torch's own message: a header line, then the missing and unexpected keys.
-            detail = " ".join(str(e).split())
-            detail = detail if len(detail) <= 600 else detail[:600] + " ..."
-            return _fail(f"{args.weights} does not fit {args.arch}: {detail}")
+            return _fail(f"{args.weights} does not fit {args.arch}: {one_line(str(e), 600)}")
         raise
     except ValueError as e:
-        if "more than 1 value per channel" in str(e):
+        # torch's words or jaxnets' BatchNorm's, whichever side ran first.
+        if re.search(r"more than (1|one) value per channel", str(e)):
             return _fail(f"--batch {args.batch} leaves one value per channel in a train-mode "
                          f"BatchNorm of {args.arch} at this input size, which torch refuses; "
                          "use --batch 2 or more, or a larger --size")

@@ -89,8 +89,11 @@ def test_adamw_groups_and_bn_stat_freezing():
 
 def test_bad_regexes_are_named():
     parts, params, _ = _lenet()
-    with pytest.raises(ValueError, match="matches no parameter"):
+    with pytest.raises(ValueError, match="matches no parameter") as e:
         optim.param_groups(list(params), model_or_class=parts.model_class, freeze=["layer9"])
+    # The modules a regex can name; an example key once where both namings agree.
+    assert "its top-level modules: conv1, conv2, fc1, fc2, fc3)" in str(e.value)
+    assert str(e.value).count("conv1.") == 1, str(e.value)
     with pytest.raises(ValueError, match="not a valid regex"):
         optim.param_groups(list(params), model_or_class=parts.model_class, freeze=["fc(("])
     with pytest.raises(ValueError, match="REGEX=FACTOR"):

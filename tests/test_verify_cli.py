@@ -1,5 +1,6 @@
 """python -m porting.verify: PASS/FAIL and exit codes, clear errors on bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -10,10 +11,21 @@ from porting.reference import build_torch_model
 from porting.verify import main
 
 
+PROGRESS = re.compile(r"^\[\s*\d+\.\ds\] .+ \.\.\.$")
+
+
 def test_random_model_passes(capsys):
     assert main(["--arch", "lenet5"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "PASS: lenet5" in out and "eval logits" in out and "grads fp64" in out
+    # Each stage says so as it starts, on stderr (a big model takes minutes on CPU).
+    stages = [line for line in captured.err.splitlines() if PROGRESS.match(line)]
+    assert [s.split("] ")[1].split(" (")[0] for s in stages] == [
+        "building and porting lenet5 ...", "torch fp32 passes", "jax fp32 passes",
+        "torch float64 gradients", "jax float64 gradients"], stages
+    assert main(["--arch", "lenet5", "--no-grads", "--quiet"]) == 0
+    assert not capsys.readouterr().err.strip()
 
 
 def test_checkpoint_from_disk(tmp_path, capsys):
@@ -35,8 +47,9 @@ def test_checkpoint_from_disk(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    *progress, err = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error:") and message in err
+    assert all(PROGRESS.match(line) for line in progress), progress  # no traceback
 
 
 def test_corrupt_and_wrong_arch_checkpoints(tmp_path, capsys):

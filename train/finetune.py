@@ -107,6 +107,7 @@ def load_checkpoint_into(model, spec, state_dict: dict[str, np.ndarray], what: s
     Raises:
         RunError: The state_dict does not fit the architecture.
     """
+    from jaxnets.cli import one_line
     from porting import PortingError, load_torch_state_dict
 
     try:
@@ -117,11 +118,8 @@ def load_checkpoint_into(model, spec, state_dict: dict[str, np.ndarray], what: s
         except PortingError:
             # porting's message without its own "state_dict does not fit X:" lead, cut
             # between keys.
-            detail = " ".join(str(first).split())
-            detail = re.sub(r"^state_dict does not fit \w+:\s*", "", detail)
-            if len(detail) > 600:
-                detail = detail[:detail.rfind(", ", 0, 600)] + ", ..."
-            raise RunError(f"{what} does not fit {spec.name}: {detail}") from None
+            detail = re.sub(r"^state_dict does not fit \w+:\s*", "", one_line(str(first), 10**9))
+            raise RunError(f"{what} does not fit {spec.name}: {one_line(detail, 600)}") from None
         return f"{report} (head {spec.head!r} replaced: class count differs)"
 
 

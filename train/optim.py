@@ -156,8 +156,12 @@ def param_groups(
 
     for pattern in freeze_re + [p for p, _ in mult_re]:
         if not any(hit(pattern, p) for p in params):
+            first, path = names[params[0]], params[0]
+            example = repr(first) if first == path else f"{first!r} / {path!r}"
+            tops = list(dict.fromkeys(names[p].split(".")[0] for p in params))
+            shown = ", ".join(tops[:8]) + (", ..." if len(tops) > 8 else "")
             raise ValueError(f"regex {pattern.pattern!r} matches no parameter of the model "
-                             f"(e.g. {names[params[0]]!r} / {params[0]!r})")
+                             f"(e.g. {example}; its top-level modules: {shown})")
     labels, multipliers = {}, {}
     for path in params:
         if any(hit(p, path) for p in freeze_re):
