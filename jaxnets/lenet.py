@@ -31,8 +31,9 @@ class LeNet5(nnx.Module):
 
     def features(self, x):
         """The 84-wide penultimate features."""
+        mnist = tuple(getattr(x, "shape", ())[1:3]) == (28, 28)
         check_images(x, self.in_channels, "LeNet5", min_size=self.MIN_SIZE, exact=True,
-                     hint=" (pad 28x28 MNIST digits by 2 pixels on each side)")
+                     hint=" (pad 28x28 MNIST digits by 2 pixels on each side)" if mnist else "")
         x = max_pool2d(jax.nn.relu(self.conv1(x)), 2)
         x = max_pool2d(jax.nn.relu(self.conv2(x)), 2)
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)

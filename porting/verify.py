@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also report fp32 gradients (informational, see porting/parity.py)")
     p.add_argument("--eager", action="store_true", help="run JAX op by op instead of jit")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress lines on stderr (the stages as they start)")
+                   help="nothing on stderr but errors (no progress lines, no compile-cache "
+                        "summary)")
     p.add_argument("--no-cpu-detours", dest="cpu_detours", action="store_false",
                    help="on CPU, compute the jax side as a GPU or TPU runs it (XLA's own "
                         "convolutions, pools and attention), not in jaxnets' faster CPU forms")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result.table())
     verdict = "PASS" if result.passed else "FAIL"
     print(f"{verdict}: {args.arch} jaxnets vs torch ({dt:.1f}s)")
-    if line := compile_cache.summary():
+    if (line := compile_cache.summary()) and not args.quiet:
         print(line, file=sys.stderr)
     return 0 if result.passed else 1
 

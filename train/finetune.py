@@ -201,11 +201,6 @@ def check_input_size(cfg, spec, num_classes: int, weights_meta=None) -> None:
         try:
             jax.eval_shape(functools.partial(forward, train=train), state, x)
         except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
-            if "dot_general requires contracting dimensions" in str(e):
-                # A flatten into a dense layer (LeNet-5): the size is fixed, say which.
-                side = "x".join(map(str, spec.input_size[:2]))
-                raise RunError(f"{cfg.arch} takes {side} inputs only (a flattened map feeds "
-                               f"its classifier), not --image-size {cfg.image_size}") from None
             raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
                            f"{' in training' if train else ''}: "
                            f"{str(e).splitlines()[0][:300]}") from None
