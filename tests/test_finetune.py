@@ -196,6 +196,11 @@ def _one_error_line(capsys):
     (LENET + ["--freeze", "."], "freezes every parameter of lenet5: nothing would train"),
     (LENET + ["--image-size", "40"],
      "lenet5 cannot take --image-size 40: LeNet5 takes 32x32 images only; got 40x40"),
+    (["--arch", "resnet18_cifar", "--dataset", "digits", "--weights", "none", "--image-size",
+      "8", "--batch-size", "1"], "--batch-size 1 at --image-size 8 leaves one value per "
+                                 "channel in a train-mode BatchNorm"),
+    (["--arch", "alexnet", "--dataset", "digits", "--weights", "none", "--model-arg",
+      "dropout=1.5"], "--model-arg: dropout probability has to be between 0 and 1"),
     (LENET + ["--std", "0"], "--std finite and > 0"),
     (LENET + ["--mean", "nan"], "--mean must be finite"),
     (LENET + ["--mean", "0.1,0.2"], "--mean has 2 value(s) and --std 1; lenet5 takes 1 channel"),
@@ -203,6 +208,7 @@ def _one_error_line(capsys):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert finetune.main(args + ["--output-dir", str(tmp_path / "run")]) == 2
     assert needle in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # bad input writes nothing
 
 
 def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
@@ -281,7 +287,7 @@ def test_shortened_flags_are_refused_and_doubtful_values_noted(capsys):
 def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, capsys, caplog):
     run = tmp_path / "run"
     args = LENET + ["--steps", "2", "--batch-size", "16", "--checkpoint-every", "1",
-                    "--output-dir", str(run)]
+                    "--output-dir", str(run), "--mean", "0.5"]
     assert finetune.main(args) == 0
     assert "lenet5: random init (--weights none)" in capsys.readouterr().err
     # An evaluation of the run names its checkpoint, not how the run began.
@@ -290,14 +296,22 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     # Saves without a validation accuracy (mid-epoch) are not each one warning from Orbax.
     assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
     # An evaluation reads the parameters and statistics alone: other training flags
-    # will do, and the run's config.json stays as its training wrote it.
+    # will do (a --freeze that matches nothing too), the run's preprocessing (its
+    # --mean) is kept unless given, and the run's config.json stays as it was.
     config_before = (run / "config.json").read_text()
     logits = np.load(run / "predictions.npz")["logits"]
-    other = ["--batch-size", "32", "--optimizer", "adamw", "--lr", "0.5", "--freeze", "conv1"]
-    assert finetune.main(LENET + ["--output-dir", str(run), "--eval-only"] + other) == 0
-    assert "lenet5: step 2 of this run;" in capsys.readouterr().err
-    np.testing.assert_array_equal(np.load(run / "predictions.npz")["logits"], logits)
-    assert (run / "config.json").read_text() == config_before
+    other = ["--batch-size", "32", "--optimizer", "adamw", "--lr", "0.5", "--freeze", "^none"]
+    for command in (["--eval-only"] + other, ["--steps", "0"]):  # --steps 0 evaluates too
+        assert finetune.main(LENET + ["--output-dir", str(run)] + command) == 0
+        err = capsys.readouterr().err
+        assert "lenet5: step 2 of this run;" in err and "note:" not in err, err
+        # (Another eval batch size rounds differently; another mean moves them ~1e-2.)
+        np.testing.assert_allclose(np.load(run / "predictions.npz")["logits"], logits,
+                                   rtol=1e-5, atol=1e-6)
+        assert (run / "config.json").read_text() == config_before
+    assert finetune.main(args + ["--eval-only", "--std", "0.5"]) == 0
+    assert "note: evaluating with other preprocessing than the run's: std 0.22" in (
+        capsys.readouterr().err)
     # ... but not another model or validation split.
     assert finetune.main(args + ["--eval-only", "--seed", "1"]) == 2
     assert "different run (seed: 0 there, 1 now)" in _one_error_line(capsys)
@@ -324,13 +338,34 @@ def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, ca
     assert sorted(os.listdir(run / "checkpoints")) == ["1"]
 
 
+def test_run_identity_ignores_model_arg_order_and_path_spelling(tmp_path, monkeypatch):
+    same = finetune._same_value
+    assert same("model_args", [["a", 1], ["b", "x"]]) == same("model_args", [["b", "x"], ["a", 1]])
+    assert same("model_args", [["a", 1]]) != same("model_args", [["a", 2]])
+    monkeypatch.chdir(tmp_path)
+    assert same("weights", "./w.pth") == same("weights", str(tmp_path / "w.pth"))
+    assert same("weights", "DEFAULT") == "DEFAULT" != same("weights", "IMAGENET1K_V1")
+
+
 def test_a_resume_with_other_training_flags_says_which(tmp_path, capsys):
+    import torch
+
+    from porting.reference import build_torch_model
+
+    weights = tmp_path / "lenet.pth"
+    torch.save(build_torch_model("lenet5").state_dict(), weights)
     run = tmp_path / "run"
-    args = LENET + ["--batch-size", "16", "--output-dir", str(run)]
+    args = ["--arch", "lenet5", "--dataset", "digits", "--weights", str(weights),
+            "--no-progress", "--batch-size", "16", "--output-dir", str(run)]
+    # An evaluation in a new folder holds no checkpoint: a run there is not held to it.
+    assert finetune.main(args + ["--eval-only", "--batch-size", "64"]) == 0
     assert finetune.main(args + ["--steps", "1"]) == 0
     capsys.readouterr()
+    # The checkpoint replaces the weights: they are not read again (the file may be gone).
+    weights.unlink()
     assert finetune.main(args + ["--steps", "2", "--lr", "0.05", "--no-progress",
-                                 "--color-jitter", "0.4,0.3,0.2,0.1"]) == 0
+                                 "--color-jitter", "0.4,0.3,0.2,0.1",
+                                 "--val-fraction", "0.2"]) == 0  # digits' default, said
     err = capsys.readouterr().err
     assert "resuming" in err
     note = [line for line in err.splitlines() if line.startswith("note: flags changed")]

@@ -441,8 +441,12 @@ def resolve(
     if output_dir is None:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cfg.dataset.strip("/")).strip("_")
         output_dir = os.path.join("runs", f"{cfg.arch}-{slug}")
+    from train.data import default_val_fraction
+
     return dataclasses.replace(
         cfg,
+        val_fraction=(cfg.val_fraction if cfg.val_fraction is not None
+                      else default_val_fraction(cfg.dataset)),
         image_size=image_size,
         resize_size=resize_size,
         crop_scale_min=cfg.crop_scale_min if cfg.crop_scale_min is not None

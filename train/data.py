@@ -338,6 +338,12 @@ def parse_spec(spec: str) -> DatasetSpec:
     )
 
 
+def default_val_fraction(spec: str) -> float:
+    """The held-out fraction where a dataset has no validation split of its own:
+    0.2 for ``digits`` (as the Quickstart's figures), else 0.1."""
+    return 0.2 if spec == "digits" else 0.1
+
+
 def load_dataset(
     spec: str,
     *,
@@ -374,9 +380,9 @@ def load_dataset(
     if split not in _SPLITS:
         raise DataError(f"split must be one of {_SPLITS}, got {split!r}")
     parsed = parse_spec(spec)
+    fraction = default_val_fraction(spec) if val_fraction is None else val_fraction
     if parsed.kind == "digits":
-        return _load_digits(split, seed, 0.2 if val_fraction is None else val_fraction)
-    fraction = 0.1 if val_fraction is None else val_fraction
+        return _load_digits(split, seed, fraction)
     if parsed.kind == "folder":
         return _load_folder(parsed.name, split, seed, fraction, storage_size, skip_bad)
     return _load_tfds(parsed, split, data_dir, fraction, storage_size)

@@ -24,6 +24,7 @@ kept); 130 interrupted by Ctrl-C (after saving a checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -163,7 +164,7 @@ def _create_model(cfg, num_classes: int, overrides: dict):
     try:
         return jaxnets.create_model(cfg.arch, num_classes=num_classes, seed=cfg.seed,
                                     **overrides)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown option, or a value out of range
         raise RunError(f"--model-arg: {e}") from None
 
 
@@ -190,7 +191,6 @@ def check_input_size(cfg, spec, num_classes: int, weights_meta=None) -> None:
     overrides = {**getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)}
     graphdef, state = nnx.split(nnx.eval_shape(lambda: _create_model(cfg, num_classes,
                                                                      overrides)))
-    x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, spec.in_channels), np.float32)
 
     def forward(state, x, train):
         model = nnx.merge(graphdef, state)
@@ -198,9 +198,19 @@ def check_input_size(cfg, spec, num_classes: int, weights_meta=None) -> None:
         return model(x)
 
     for train in (False,) if cfg.eval_only else (False, True):
+        # Training's own batch: a train-mode BatchNorm needs more than one value per
+        # channel (a batch of 1 where the last maps are 1x1).
+        batch = cfg.batch_size if train else 2
+        x = jax.ShapeDtypeStruct((batch, cfg.image_size, cfg.image_size, spec.in_channels),
+                                 np.float32)
         try:
             jax.eval_shape(functools.partial(forward, train=train), state, x)
         except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+            if "value per channel" in str(e):
+                raise RunError(f"--batch-size {cfg.batch_size} at --image-size {cfg.image_size} "
+                               f"leaves one value per channel in a train-mode BatchNorm of "
+                               f"{cfg.arch} (torch refuses it too): use --batch-size 2 or more "
+                               "or a larger --image-size") from None
             raise RunError(f"{cfg.arch} cannot take --image-size {cfg.image_size}"
                            f"{' in training' if train else ''}: "
                            f"{str(e).splitlines()[0][:300]}") from None
@@ -358,15 +368,19 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
         return False, []
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    if set(os.listdir(run_dir)) <= {"config.json", "model.json", "checkpoints"} and not (
-            os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-        return False, []  # a run stopped by bad input before its first step: nothing to keep
+    if not _has_steps(run_dir):
+        # A run stopped before its first checkpoint (bad input, a kill) or an evaluation:
+        # nothing to resume or evaluate, so no flags to hold a new run to.
+        return False, []
     saved = config_lib.load(path)
+    if saved.get("val_fraction") is None and "dataset" in saved:  # runs before it was resolved
+        from train.data import default_val_fraction
+
+        saved["val_fraction"] = default_val_fraction(saved["dataset"])
     current = json.loads(cfg.to_json())
     fields = config_lib.EVAL_IDENTITY_FIELDS if cfg.eval_only else config_lib.IDENTITY_FIELDS
     diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
-            for k in fields if saved.get(k) != current[k]]
+            for k in fields if _same_value(k, saved.get(k)) != _same_value(k, current[k])]
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
                        "--output-dir")
@@ -376,10 +390,51 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
     return True, changed
 
 
+# What an evaluation takes from the run unless the command line gives it.
+_EVAL_PREPROCESSING = ("mean", "std", "resize_size", "interpolation")
+
+
+def _run_preprocessing(run_dir: str, given, cfg):
+    """``--eval-only`` on a run: the run's own eval preprocessing for the flags the
+    command line leaves unset; returns (config, notes on those it sets otherwise)."""
+    from train import config as config_lib
+
+    saved = config_lib.load(os.path.join(run_dir, "config.json"))
+    taken, changed = {}, []
+    for field in _EVAL_PREPROCESSING:
+        if saved.get(field) is None:
+            continue
+        value = tuple(saved[field]) if isinstance(saved[field], list) else saved[field]
+        if getattr(given, field) is None:
+            taken[field] = value
+        elif getattr(cfg, field) != value:
+            changed.append(f"{field.replace('_', '-')} {_flag_value(saved[field])} -> "
+                           f"{_flag_value(getattr(cfg, field))}")
+    return dataclasses.replace(cfg, **taken), changed
+
+
 def _flag_value(value) -> str:
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return " ".join(map(_flag_value, value)) or "(none)"
     return "(default)" if value is None else str(value)
+
+
+def _same_value(field: str, value):
+    """A config value in the form two runs are compared in: ``--model-arg`` in any
+    order, a ``--weights`` path however it was spelled."""
+    if field == "model_args" and value:
+        return sorted((k, repr(v)) for k, v in value)
+    if field == "weights" and isinstance(value, str) and _is_path(value):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
+
+
+def _has_steps(run_dir: str) -> bool:
+    """Whether a run directory holds a step checkpoint (readable or not)."""
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(checkpoints) and any(
+        n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state"))
+        for n in os.listdir(checkpoints))
 
 
 def _restore_weights(run_dir: str, state: dict) -> int | None:
@@ -390,9 +445,7 @@ def _restore_weights(run_dir: str, state: dict) -> int | None:
 
     from train import checkpoint as ckpt_lib
 
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    if not (os.path.isdir(checkpoints) and ckpt_lib.locate_run(run_dir)
-            and any(n.isdigit() for n in os.listdir(checkpoints))):
+    if not _has_steps(run_dir):
         return None
     try:
         weights = ckpt_lib.read_run_weights(run_dir, fall_back=True)
@@ -467,26 +520,41 @@ def run(cfg) -> int:
     train_loader = Loader(train_src, cfg.batch_size, shuffle=True, seed=cfg.seed,
                           drop_remainder=True, process_index=pindex, process_count=pcount,
                           num_workers=cfg.num_workers)
+    given = cfg
     cfg = config_lib.resolve(cfg, spec=spec, native_size=native,
                              transforms=getattr(weights_meta, "transforms", weights_meta),
                              steps_per_epoch=train_loader.steps_per_epoch)
+    if cfg.steps == 0:  # --epochs 0 / --steps 0: an evaluation, as --eval-only
+        cfg = dataclasses.replace(cfg, eval_only=True)
     if cfg.eval_batch_size % mesh.size:
         raise RunError(f"--eval-batch-size {cfg.eval_batch_size} must be divisible by the "
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
     is_run, changed = _check_identity(run_dir, cfg)
+    if cfg.eval_only and is_run:
+        cfg, changed = _run_preprocessing(run_dir, given, cfg)
+        if changed:  # given on the command line: used, but not silently
+            distributed.print0("note: evaluating with other preprocessing than the run's: "
+                               + "; ".join(changed), file=sys.stderr)
     for note in config_lib.doubtful(cfg):
         if not (cfg.eval_only and note.startswith("--warmup")):
             distributed.print0(f"note: {note}", file=sys.stderr)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
-    model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
+    if is_run:  # its checkpoint replaces every value: the weights need not be read, nor exist
+        model = _create_model(cfg, num_classes, {**getattr(weights_meta, "model_overrides", {}),
+                                                 **_model_overrides(cfg, spec)})
+        load_report = "checkpoint of this run"
+    else:
+        model, load_report = build_model(cfg, spec, num_classes, build_pretrained)
     parts, params, stats = steps_lib.split_model(model, spec.head)
     del model
     try:
+        # An evaluation trains nothing: its --freeze and --lr-mult are not checked.
         groups = optim.param_groups(list(params), list(stats), model_or_class=parts.model_class,
-                                    freeze=cfg.freeze, lr_mult=cfg.lr_mult,
+                                    freeze=() if cfg.eval_only else cfg.freeze,
+                                    lr_mult=() if cfg.eval_only else cfg.lr_mult,
                                     freeze_bn_stats=cfg.freeze_bn_stats)
     except ValueError as e:
         raise RunError(str(e)) from None
