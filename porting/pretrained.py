@@ -399,13 +399,16 @@ def _read_torch_like(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
 def _refuse_run_directory(path: Path) -> None:
     """A ``train.finetune`` run directory holds Orbax checkpoints, not torch weights:
     say what loads one instead of failing to read it as safetensors."""
-    if not path.is_dir():
-        return
+    if not path.is_dir() or any(path.glob("*.safetensors*")):
+        return  # weights, whatever the folder is called
     try:
         from train.checkpoint import locate_run
     except ImportError:  # pragma: no cover -- train is part of this distribution
         return
-    if locate_run(str(path)) is not None:
+    found = locate_run(str(path))
+    steps = found is not None and any(
+        n.isdigit() and (Path(found[1]) / n / "state").is_dir() for n in os.listdir(found[1]))
+    if steps:
         raise PortingError(f"{path} is a train.finetune run directory, not a weights file: "
                            f"load its model with train.checkpoint.load_model({str(path)!r}) "
                            "(returns (model, step)), or write a .pth with python -m porting "

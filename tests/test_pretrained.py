@@ -276,9 +276,19 @@ def test_torchvision_weights_enum_members_are_accepted():
 
 def test_run_directory_points_to_train_checkpoint_load_model(tmp_path):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
     for path in (run, run / "checkpoints"):
         with pytest.raises(PortingError, match=rf"{path} is a train.finetune run directory, not a "
                                                rf"weights file: load its model with "
                                                rf"train\.checkpoint\.load_model\('{path}'\)"):
             pretrained.from_torchvision("lenet5", path)
+    # A weights folder is weights, whatever it is called and whatever lies beside.
+    from porting.safetensors_io import save_safetensors
+
+    source = jaxnets.create_model("lenet5", seed=3)
+    weights = tmp_path / "sf" / "checkpoints"
+    save_safetensors(to_torch_state_dict(source), weights)
+    (weights / "checkpoints" / "7" / "state").mkdir(parents=True)
+    model = pretrained.from_torchvision("lenet5", weights)
+    np.testing.assert_array_equal(np.asarray(model.fc3.kernel[...]),
+                                  np.asarray(source.fc3.kernel[...]))
