@@ -96,9 +96,13 @@ def dropout_layer(rate: float, *, rngs: nnx.Rngs | None = None) -> nnx.Dropout:
     Raises:
       ValueError: for a rate outside [0, 1].
     """
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(rate, (bool, str)) or not 0 <= value <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, got {rate!r}")
-    return nnx.Dropout(float(rate), rngs=rngs)
+    return nnx.Dropout(value, rngs=rngs)
 
 
 def torch_default_init(fan_in: int):
@@ -1181,6 +1185,9 @@ def check_images(x, channels: int, name: str, *, min_size: tuple[int, int] | Non
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} expects a jax or numpy array of images; got "
                         f"{type(x).__name__} (wrap it with jnp.asarray)")
+    if type(x).__module__.startswith("torch"):
+        raise TypeError(f"{name} expects a jax or numpy array of images, NHWC; got a torch "
+                        "tensor (x.permute(0, 2, 3, 1).numpy() for an NCHW batch)")
     shape = tuple(x.shape)
     if jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.bool_):
         raise TypeError(f"{name} expects floating-point images; got {x.dtype} (convert to "

@@ -10,6 +10,7 @@ model.parameters())`` counts parameters and not buffers.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import dataclasses
 import math
 import sys
@@ -124,8 +125,8 @@ def summarize(name: str, *, size=None, batch: int = 1, **overrides) -> tuple[lis
     if not isinstance(name, str):
         raise TypeError(f"summarize takes a registered model's name (e.g. 'resnet50'), not a "
                         f"{type(name).__name__}")
-    if isinstance(size, int):
-        size = (size, size)
+    if isinstance(size, numbers.Integral):
+        size = (int(size), int(size))
     spec = jaxnets.get_spec(name)
     # Shapes only: nothing is initialised or computed, so a 600M-parameter model is cheap.
     model = nnx.eval_shape(lambda: jaxnets.create_model(name, **overrides))

@@ -9,7 +9,6 @@ committed, so torchvision is needed only to refresh it.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
@@ -135,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(prog="python -m porting.gen_weights", description=__doc__)
+    from jaxnets.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m porting.gen_weights", description=__doc__)
     parser.add_argument("--out", type=Path, default=OUTPUT, help="where to write the JSON")
     args = parser.parse_args(argv)
     try:

@@ -116,11 +116,12 @@ def to_torch_tensor(array: Any):
     import torch
 
     array = np.require(np.asarray(array), requirements="CW")
-    if array.dtype.kind == "V" and array.dtype.names is None:  # an ml_dtypes type
+    if array.dtype.type.__module__.startswith("ml_dtypes"):  # bf16, float8s, int4s
         dtype = getattr(torch, array.dtype.name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"torch has no {array.dtype.name} dtype; cast the array to "
-                            "float32 first")
+        if (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                or dtype.itemsize != array.dtype.itemsize):
+            raise TypeError(f"torch has no floating {array.dtype.name} dtype to hold it bit "
+                            "for bit; cast the array to float32 first")
         return torch.from_numpy(array.view(f"i{array.dtype.itemsize}")).view(dtype)
     return torch.from_numpy(array)
 

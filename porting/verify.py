@@ -64,6 +64,13 @@ def _fail(msg: str) -> int:
 def _read_weights(path: str) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"weights file not found: {path}")
+    from train.checkpoint import locate_run
+
+    if os.path.isdir(path) and locate_run(path) is not None and not any(
+            n.endswith((".safetensors", ".safetensors.index.json")) for n in os.listdir(path)):
+        raise ValueError(f"{path} is a train.finetune run directory: write its model as torch "
+                         f"weights with python -m porting export --checkpoint {path} --out "
+                         "model.pth, then pass that file")
     if path.endswith(".safetensors") or path.endswith(".json") or os.path.isdir(path):
         from porting.safetensors_io import load_safetensors
 

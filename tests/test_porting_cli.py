@@ -262,9 +262,16 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
     for path, step, needle in ((run, "latest", "step must be a step number, 'best' or None"),
                                (run, -1, "step must be a step number"),
                                (tmp_path / "nope", None, "nope does not exist"),
-                               (run, 3, "no step 3 in")):
+                               (run, 3, "no step 3 in"),
+                               (run / "checkpoints" / "2", 4, "is the directory of step 2")):
         with pytest.raises(CheckpointError, match=needle):
             load_model(path, step=step)
+    # porting.verify compares torch weights: a run is pointed to porting export.
+    from porting.verify import main as verify
+
+    assert verify(["--arch", "resnet18_cifar", "--weights", str(run)]) == 2
+    assert "is a train.finetune run directory: write its model as torch weights with " \
+           "python -m porting export" in capsys.readouterr().err
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
     reference = build_torch_model("resnet18_cifar", 10)
     reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in

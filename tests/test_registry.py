@@ -150,6 +150,10 @@ def test_lenet_takes_32x32_only_and_images_must_be_float_arrays():
         model(np.zeros((1, 32, 32, 1), np.uint8))
     with pytest.raises(TypeError, match="got list"):
         model([[0.0] * 32] * 32)
+    import torch
+
+    with pytest.raises(TypeError, match="got a torch tensor"):
+        model(torch.zeros(1, 1, 32, 32))
 
 
 def test_constructor_arguments_are_checked():
@@ -163,6 +167,9 @@ def test_constructor_arguments_are_checked():
                      ("transformer", {"dropout": 3.0})):
         with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
             nnx.eval_shape(lambda: jaxnets.create_model(name, **kw))  # noqa: B023
+    # numpy and jax scalars are rates too, as torch takes them.
+    assert nnx.eval_shape(lambda: jaxnets.create_model(
+        "alexnet", dropout=np.float32(0.25))).classifier[0].rate == 0.25
     for bad in (2.5, 0, -1, True, "10"):
         with pytest.raises(ValueError, match="num_classes must be a positive integer"):
             jaxnets.create_model("lenet5", num_classes=bad)

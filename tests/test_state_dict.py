@@ -306,3 +306,17 @@ def test_bf16_model_exports_to_torch_bit_for_bit(tmp_path):
     assert to_torch_tensor(np.ones(3, np.float32)).dtype == torch.float32
     f8 = to_torch_tensor(np.array([1.5, -2.0], ml_dtypes.float8_e4m3fn))
     assert f8.dtype == torch.float8_e4m3fn and f8.float().tolist() == [1.5, -2.0]
+
+
+def test_to_torch_tensor_takes_every_floating_ml_dtype_and_refuses_sub_byte_ones():
+    import ml_dtypes
+    import torch
+
+    from porting import to_torch_tensor
+
+    for name in ("bfloat16", "float8_e5m2", "float8_e4m3fn"):
+        a = np.array([1.5, -2.0, 0.25], dtype=getattr(ml_dtypes, name))
+        t = to_torch_tensor(a)
+        assert t.dtype == getattr(torch, name) and t.float().tolist() == [1.5, -2.0, 0.25]
+    with pytest.raises(TypeError, match="no floating int4 dtype"):
+        to_torch_tensor(np.array([1, 2], dtype=ml_dtypes.int4))

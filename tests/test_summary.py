@@ -45,7 +45,9 @@ def test_arguments_a_notebook_user_would_pass():
 
     with pytest.raises(TypeError, match="registered model's name .* not a LeNet5"):
         summarize(jaxnets.create_model("lenet5"))
-    rows, _ = summarize("resnet18", size=64)
+    import numpy as np
+
+    rows, _ = summarize("resnet18", size=np.int64(64))
     assert {r.path: r for r in rows}["layer4"].output_shape == "[1, 2, 2, 512]"
 
 

@@ -365,12 +365,16 @@ def read_run_weights(path: str, step: int | str | None = None, *,
             step, numbers.Integral) or step < 0):
         raise CheckpointError(f"step must be a step number, 'best' or None (the newest); "
                               f"got {step!r}")
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist")
     found = locate_run(path)
     if found is None:
         raise CheckpointError(f"{path} is not a train.finetune run directory (no checkpoints/)")
     run_dir, checkpoints, named = found
+    if named is not None and step is not None and step != named:
+        raise CheckpointError(f"{path} is the directory of step {named}, not of step {step}; "
+                              "pass the run directory to choose a step")
     steps = _step_dirs(checkpoints) if os.path.isdir(checkpoints) else []
     if not steps:
         raise CheckpointError(f"no checkpoint in {checkpoints}")
