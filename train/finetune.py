@@ -368,9 +368,10 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
         return False, []
-    if not _has_steps(run_dir):
-        # A run stopped before its first checkpoint (bad input, a kill) or an evaluation:
-        # nothing to resume or evaluate, so no flags to hold a new run to.
+    if not _has_steps(run_dir) and not {"metrics.jsonl", "tb"} & set(os.listdir(run_dir)):
+        # An evaluation, or a run stopped by bad input before its first step: nothing to
+        # resume and no training record to keep, so no flags to hold a new run to. (A run
+        # killed before its first checkpoint keeps its metrics: it is still refused.)
         return False, []
     saved = config_lib.load(path)
     if saved.get("val_fraction") is None and "dataset" in saved:  # runs before it was resolved
@@ -542,7 +543,8 @@ def run(cfg) -> int:
             distributed.print0(f"note: {note}", file=sys.stderr)
 
     check_input_size(cfg, spec, num_classes, weights_meta)
-    if is_run:  # its checkpoint replaces every value: the weights need not be read, nor exist
+    if is_run and _has_steps(run_dir):
+        # Its checkpoint replaces every value: the weights need not be read, nor exist.
         model = _create_model(cfg, num_classes, {**getattr(weights_meta, "model_overrides", {}),
                                                  **_model_overrides(cfg, spec)})
         load_report = "checkpoint of this run"
