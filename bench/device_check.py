@@ -13,7 +13,8 @@ process runs, in this order, while the budget lasts,
   sides (torch eager; ``torch.compile`` on the last ResNet-50 row);
 * parity with torch (``porting.parity.run_parity``: full fp32, TF32 off on both
   sides; the jax side on the accelerator, torch on the CPU) of every registered
-  image and vector model: float64 gradients too for one model of each family,
+  model (image, vector and ``transformer``): float64 gradients too for one model of
+  each family,
   outputs and BatchNorm statistics for the rest, at batch 2.
 
 The benchmark's first row and one parity model of each family go first, then the
@@ -54,7 +55,7 @@ GOAL_IMAGES_PER_S = 2500.0
 GRAD_PARITY = {"lenet5": None, "mlp": None, "resnet18": (160, 192), "resnet50": (160, 192),
                "resnext50_32x4d": (128, 96), "wide_resnet50_2": (128, 96), "alexnet": None,
                "vgg11_bn": (64, 80), "googlenet": (225, 231), "inception_v3": (299, 299),
-               "vit_b_32": None}
+               "vit_b_32": None, "transformer": None}
 # Deep networks: each distinct block compiled once (porting.parity's jit="blocks").
 _BLOCKS = ("101", "152", "vit_l", "vit_h")
 
@@ -104,7 +105,7 @@ def plan(short: bool = False, parity: bool = True, bench: bool = True) -> list[I
                   Item("bench", "transformer", 64, 128, "fp32"),
                   Item("bench", "transformer", 64, 128, "bf16"),
                   Item("bench", "resnet50", 256, 224, "bf16", compile_too=True)]
-    archs = jaxnets.list_models(kind="image") + jaxnets.list_models(kind="vector")
+    archs = [a for kind in ("image", "vector", "sequence") for a in jaxnets.list_models(kind=kind)]
     family = [Item("parity", a, 2, GRAD_PARITY[a], grads=True) for a in GRAD_PARITY
               if a in archs]
     rest = [Item("parity", a, 2) for a in archs if a not in GRAD_PARITY]
@@ -127,7 +128,7 @@ def _parity_row(item: Item) -> dict:
         if key:
             err = q.max_rel if q.on == "rel" else q.max_abs
             worst[key] = max(worst.get(key, 0.0), err)
-    return {"input": list(result.input_shape), "passed": result.passed, **worst,
+    return {"input": result.input_label, "passed": result.passed, **worst,
             "table": result.table()}
 
 
@@ -238,7 +239,7 @@ def format_report(rows: list[dict], header: dict) -> str:
         if r["item"]["kind"] != "parity" or r["status"] == "not reached":
             continue
         result = ("ERROR" if r["status"] == "error" else "PASS" if r["passed"] else "FAIL")
-        lines.append(f"| {r['item']['arch']} | {'x'.join(map(str, r.get('input', [])))} | "
+        lines.append(f"| {r['item']['arch']} | {r.get('input', '')} | "
                      f"{_fmt(r.get('eval'))} | {_fmt(r.get('train'))} | {_fmt(r.get('stats'))} "
                      f"| {_fmt(r.get('grads'))} | {result} | {r['seconds']} |")
     errors = [r for r in rows if r["status"] == "error"]

@@ -67,6 +67,8 @@ GRAD_SCALE_FLOOR = 1e-6
 # BatchNorm with running statistics (as when fine-tuning with frozen
 # statistics), and with batch statistics.
 GRAD_MODES = ("eval", "train")
+# Sequence models (torch.nn.Transformer): source and target lengths when no size is given.
+SEQUENCE_SIZE = (10, 9)
 
 
 @dataclasses.dataclass
@@ -109,6 +111,16 @@ class ParityResult:
     arch: str
     input_shape: tuple[int, ...]
     quantities: list[Quantity]
+    # Sequence models: ``input_shape`` is the source's, this the target's.
+    target_shape: tuple[int, ...] | None = None
+
+    @property
+    def input_label(self) -> str:
+        """The input's shape in words: ``2x32x32x1 (NHWC)``, ``src 10x2x512, tgt 9x2x512``."""
+        shape = "x".join(map(str, self.input_shape))
+        if self.target_shape is not None:
+            return f"src {shape}, tgt {'x'.join(map(str, self.target_shape))}"
+        return f"{shape} ({'NHWC' if len(self.input_shape) == 4 else 'NC'})"
 
     @property
     def passed(self) -> bool:
@@ -138,6 +150,9 @@ def randomize_torch_model(model, seed: int = 0, calibration_input=None) -> None:
     are drawn around their defaults. Either way no layer keeps torch's
     defaults, which would hide a mix-up of mean and variance or of eps.
 
+    Parameters that torch initialises to zero (attention and VGG biases, ViT's class
+    token) are drawn too: a zero bias hides a bias that is dropped or sliced wrongly.
+
     Args:
       model: a torch ``nn.Module``.
       seed: seed of the generator used.
@@ -155,6 +170,10 @@ def randomize_torch_model(model, seed: int = 0, calibration_input=None) -> None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        # After the affine terms (the draws before stay as they were), before calibration.
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         if calibration_input is not None and bns:
             was_training, momenta = model.training, [m.momentum for m in bns]
             for m in bns:
@@ -355,12 +374,12 @@ def _torch_side(tmodel, x, batch: int, seed: int, grads: Sequence[str] = GRAD_MO
     out = {}
     tmodel.eval()
     with torch.set_grad_enabled("eval" in grads):
-        y = _outputs(tmodel(x))
+        y = _outputs(_call(tmodel, x))
     out["eval_grads"] = backward(y, seed, 1, "eval")
     out["eval"] = [o.detach().numpy() for o in y]
     tmodel.train()
     with torch.set_grad_enabled("train" in grads):
-        y = _outputs(tmodel(x))
+        y = _outputs(_call(tmodel, x))
     out["train_grads"] = backward(y, seed + 7, batch, "train")
     out["train"] = [o.detach().numpy() for o in y]
     out["stats"] = {k: b.numpy().copy() for k, b in tmodel.named_buffers() if "running" in k}
@@ -373,13 +392,13 @@ def _jax_side(fmodel, x, batch: int, seed: int, jit: bool | str,
     False only the passes that give the gradients of ``grads`` (the float64 side,
     whose outputs are not compared)."""
     def loss(m, xb, seed_, scale):
-        ys = _outputs(m(xb))
+        ys = _outputs(_call(m, xb))
         rs = _loss_weights([tuple(o.shape) for o in ys], seed_, np.float64)
         return sum(jnp.sum(o * jnp.asarray(r, o.dtype)) for o, r in zip(ys, rs)) / scale, ys
 
     def forward(m, xb, mode, seed_, scale):
         if mode not in grads:
-            return _outputs(m(xb)), None
+            return _outputs(_call(m, xb)), None
         (_, ys), g = nnx.value_and_grad(loss, has_aux=True)(m, xb, seed_, scale)
         return ys, g
 
@@ -555,10 +574,54 @@ def _torch_model_from(arch, overrides, state_dict):
     return tmodel
 
 
+def _call(model, x):
+    """``model(x)``; a sequence model's input is a dict of its call's arguments."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _jax_input(x, dtype=None):
+    """The input as jax arrays, its floating ones in ``dtype`` (masks stay boolean)."""
+    return jax.tree.map(lambda a: jnp.asarray(
+        a, dtype if dtype is not None and np.issubdtype(a.dtype, np.floating) else None), x)
+
+
+def _torch_input(x, dtype):
+    """The torch input's floating tensors in ``dtype``."""
+    if isinstance(x, dict):
+        return {k: _torch_input(v, dtype) for k, v in x.items()}
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def _sequence_inputs(model, size, batch, rng):
+    """Source and target sequences with every kind of mask a decoder-encoder takes
+    as booleans: the causal target mask, and padding at the end of the last sequence
+    of the batch (source, target and memory key padding)."""
+    s, t = size or SEQUENCE_SIZE
+    e = model.d_model
+
+    def seq(length):
+        shape = (batch, length, e) if model.batch_first else (length, batch, e)
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def padding(length):
+        mask = np.zeros((batch, length), bool)
+        if batch > 1:
+            mask[-1, max(1, length - length // 3):] = True
+        return mask
+
+    src_padding = padding(s)
+    return dict(src=seq(s), tgt=seq(t), tgt_mask=np.triu(np.ones((t, t), bool), 1),
+                src_key_padding_mask=src_padding, tgt_key_padding_mask=padding(t),
+                memory_key_padding_mask=src_padding)
+
+
 def _inputs(spec, model, size, batch, seed):
     import torch
 
     rng = np.random.default_rng(seed)
+    if spec.kind == "sequence":
+        x = _sequence_inputs(model, size, batch, rng)
+        return x, {k: torch.from_numpy(v.copy()) for k, v in x.items()}
     if spec.kind == "vector":
         x = rng.standard_normal((batch, getattr(model, "in_features", spec.input_size[0])))
         x = x.astype(np.float32)
@@ -612,8 +675,11 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
     docstring). Reported with ``fp32_grads``: the fp32 gradients.
 
     Args:
-      arch: registry name of an image or vector model.
-      size: input (height, width); the spec's default when None.
+      arch: registry name: an image, vector or sequence model (``transformer``:
+        source and target sequences with a causal target mask and padding masks,
+        torch's attention fast path off).
+      size: input (height, width), for a sequence model (source, target) lengths;
+        None: the spec's default (``SEQUENCE_SIZE`` for sequence models).
       batch: batch size.
       state_dict: torch weights to use instead of a random initialisation. Both
         models take its classifier head's class count unless ``overrides`` names
@@ -677,10 +743,26 @@ def run_parity_inputs(arch: str, inputs: Sequence[tuple[Sequence[int] | None, in
     Returns:
       One ``ParityResult`` per input, in order (each starts with the round trip).
     """
-    with matmul_precision(tf32=False), jaxnets.layers.cpu_detours(cpu_detours):
+    with (matmul_precision(tf32=False), jaxnets.layers.cpu_detours(cpu_detours),
+          _torch_attention_slow_path(jaxnets.get_spec(arch).kind == "sequence")):
         return _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads,
                                   fp32_grads, overrides, grads_at,
                                   progress or (lambda _: None))
+
+
+@contextlib.contextmanager
+def _torch_attention_slow_path(active: bool):
+    """torch's attention without its eval fast path (nested tensors), which returns
+    zeros at padded positions where the slow path, and jaxnets, compute them."""
+    import torch
+
+    was = torch.backends.mha.get_fastpath_enabled()
+    if active:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager
@@ -756,7 +838,8 @@ def _run_parity_inputs(arch, inputs, state_dict, seed, jit, jit64, grads, fp32_g
         qs = _compare_at(arch, spec, tmodel, fmodel, models64, bool(at) and i == grads_at[-1],
                          start_buffers, size, batch, seed, (jit, jit if jit64 is None else jit64),
                          at, fp32_grads, progress)
-        results.append(ParityResult(arch, qs[0], [round_trip] + qs[1:]))
+        results.append(ParityResult(arch, qs[0][0], [round_trip] + qs[1:],
+                                    qs[0][1] if len(qs[0]) > 1 else None))
     return results
 
 
@@ -774,20 +857,22 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
     grads = bool(modes)
     fp32_modes = modes if fp32_grads else ()
     x, x_torch = _inputs(spec, fmodel, size, batch, seed)
-    shape = "x".join(map(str, x.shape))
+    shapes = [v.shape for v in ([x["src"], x["tgt"]] if isinstance(x, dict) else [x])]
+    shape = ", ".join("x".join(map(str, v)) for v in shapes)
     progress(f"torch fp32 passes ({shape})")
     want = _torch_side(tmodel, x_torch, batch, seed, grads=fp32_modes)
     progress(f"jax fp32 passes ({shape}{', compiling' if jits[0] else ''})")
-    got = _jax_side(fmodel, jnp.asarray(x), batch, seed, jits[0], grads=fp32_modes)
+    got = _jax_side(fmodel, _jax_input(x), batch, seed, jits[0], grads=fp32_modes)
     if grads:
         progress(f"torch float64 gradients ({', '.join(modes)} mode)")
-        want64 = _torch_side(models64[0], x_torch.to(torch.float64), batch, seed, grads=modes)
+        want64 = _torch_side(models64[0], _torch_input(x_torch, torch.float64), batch, seed,
+                             grads=modes)
         if last:
             models64[0] = None
         progress(f"jax float64 gradients ({', '.join(modes)} mode"
                  f"{', compiling' if jits[1] else ''})")
         with jax.enable_x64(True):
-            got64 = _jax_side(models64[1], jnp.asarray(x, jnp.float64), batch, seed, jits[1],
+            got64 = _jax_side(models64[1], _jax_input(x, jnp.float64), batch, seed, jits[1],
                               grads=modes, outputs=False)
         if last:
             models64[1] = None
@@ -798,7 +883,8 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
             raise ValueError(f"{arch}: jax returns {len(f)} outputs in {tag} mode, torch {len(t)}")
         qs = []
         for i, (a, b) in enumerate(zip(f, t)):
-            q = compare_arrays(f"{tag} output {i}" if len(t) > 1 else f"{tag} logits",
+            kind = "outputs" if spec.kind == "sequence" else "logits"
+            q = compare_arrays(f"{tag} output {i}" if len(t) > 1 else f"{tag} {kind}",
                                {"y": a}, {"y": b}, tol=OUTPUT_ATOL, on="abs")
             if grads or not q.passed:
                 _judge_against_float64(q, a, b, outputs64()[tag][i])
@@ -814,8 +900,8 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
         if not cache64:
             t = copy.deepcopy(tmodel)
             t.load_state_dict(start_buffers, strict=False)
-            cache64.update(_torch_side(t.double(), x_torch.to(torch.float64), batch, seed,
-                                       grads=()))
+            cache64.update(_torch_side(t.double(), _torch_input(x_torch, torch.float64),
+                                       batch, seed, grads=()))
         return cache64
 
     qs = outs("eval") + outs("train")
@@ -844,7 +930,7 @@ def _compare_at(arch, spec, tmodel, fmodel, models64, last, start_buffers, size,
     if "train" in modes and len(want64["train_grads"]) != n_params:
         raise AssertionError(f"{arch}: only {len(want64['train_grads'])} of {n_params} torch "
                              "parameters received a gradient")
-    return [tuple(x.shape)] + qs
+    return [tuple(map(tuple, shapes))] + qs
 
 
 def _num_classes(state_dict, spec) -> int | None:

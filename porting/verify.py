@@ -1,7 +1,8 @@
 """``python -m porting.verify --arch NAME``: port a torch model and prove it computes the same.
 
-Builds the torch reference (random init with randomised BatchNorm statistics
-and affine terms, or the weights given), ports it to jaxnets, runs both on the
+Builds the torch reference (random init with randomised BatchNorm statistics,
+normalisation affine terms and parameters torch initialises to zero, or the
+weights given), ports it to jaxnets, runs both on the
 same input and prints the max absolute and relative error of every compared
 quantity with PASS/FAIL. Exits 1 on FAIL, 2 on bad input.
 
@@ -11,6 +12,7 @@ Examples::
     python -m porting.verify --arch resnet18 --size 160 192 --batch 2
     python -m porting.verify --arch resnet50 --weights resnet50-11ad3fa6.pth
     python -m porting.verify --arch googlenet --no-cpu-detours   # the GPU/TPU path, on CPU
+    python -m porting.verify --arch transformer --size 16 12     # source, target lengths
 
 The torch reference runs on the CPU; jax on its default backend (a GPU when
 one is there), with matmuls and convolutions in full fp32 (no TF32) on both.
@@ -35,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(outputs, BatchNorm statistics) and float64 (gradients).")
     p.add_argument("--arch", required=True, help="registered model name, e.g. resnet50")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="input height and width (default: the model's input size)")
+                   help="input height and width (default: the model's input size); for "
+                        "transformer the source and target lengths (default 10 9)")
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     p.add_argument("--weights", metavar="PATH",
                    help="a torch checkpoint (.pth/.pt, or .safetensors) to compare with instead "
@@ -92,15 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         spec = jaxnets.get_spec(args.arch)
     except jaxnets.UnknownModelError as e:
         return _fail(str(e))
-    if spec.kind not in ("image", "vector"):
-        return _fail(f"{args.arch} is a {spec.kind} model; porting.verify compares image and "
-                     "vector classifiers (its own tests compare it with torch)")
     if args.batch < 1:
         return _fail(f"--batch must be >= 1, got {args.batch}")
     if args.size is not None:
-        if spec.kind != "image":
+        if spec.kind == "vector":
             return _fail(f"--size does not apply to {args.arch}")
-        if any(s < m for s, m in zip(args.size, spec.min_size)):
+        if spec.kind == "sequence":
+            if min(args.size) < 1:
+                return _fail(f"--size: {args.arch}'s source and target lengths must be >= 1, "
+                             f"got {args.size[0]} {args.size[1]}")
+        elif any(s < m for s, m in zip(args.size, spec.min_size)):
             return _fail(f"{args.arch} needs inputs of at least {spec.min_size[0]}x"
                          f"{spec.min_size[1]}, got {args.size[0]}x{args.size[1]}")
     try:
@@ -146,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                          "use --batch 2 or more, or a larger --size")
         raise
     dt = time.perf_counter() - t0
-    source = args.weights or "random init, randomised BatchNorm"
+    source = args.weights or ("random init, normalisation layers and zero-initialised "
+                              "parameters randomised")
     import jax
 
     backend = jax.default_backend()
     path = ("CPU detours off: the accelerator path" if backend == "cpu" and not args.cpu_detours
             else "jaxnets' CPU forms" if backend == "cpu" else "XLA's own operations")
-    print(f"{args.arch}: input {result.input_shape} (NHWC), weights: {source}; jax on "
+    print(f"{args.arch}: input {result.input_label}, weights: {source}; jax on "
           f"{backend} ({path}), fp32 at full precision (TF32 off)")
     print(result.table())
     verdict = "PASS" if result.passed else "FAIL"

@@ -268,7 +268,7 @@ def test_device_check_short_run_writes_its_report(tmp_path, capsys):
     assert bench["arch"] == "lenet5" and bench["jax_ms"] > 0 and bench["torch_ms"] > 0
     assert parity["passed"] and 0 < parity["grads"] < 1e-8 and parity["eval"] < 1e-4
     md = (tmp_path / "device_check.md").read_text()
-    assert "| lenet5 | 4 | 32 | fp32 |" in md and "| lenet5 | 2x32x32x1 |" in md
+    assert "| lenet5 | 4 | 32 | fp32 |" in md and "| lenet5 | 2x32x32x1 (NHWC) |" in md
     assert md in capsys.readouterr().out
 
 
@@ -293,8 +293,7 @@ def test_device_check_plan_covers_every_model():
 
     items = plan()
     parity = [i.arch for i in items if i.kind == "parity"]
-    assert sorted(parity) == sorted(jaxnets.list_models(kind="image")
-                                    + jaxnets.list_models(kind="vector"))
+    assert sorted(parity) == sorted(jaxnets.list_models()) and "transformer" in parity
     assert items[0].arch == "resnet50" and items[0].precision == "bf16"
     assert {i.arch for i in items if i.kind == "parity" and i.grads} == set(GRAD_PARITY)
     assert {i.arch for i in items if i.kind == "bench"} == {

@@ -206,3 +206,25 @@ def test_given_weights_with_another_head_size_set_both_models_class_count():
     with pytest.raises(RuntimeError, match="size mismatch"):  # an explicit count is kept
         run_parity("lenet5", batch=2, state_dict=tmodel.state_dict(),
                    overrides={"num_classes": 10})
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("vit_b_32", {}),
+    ("vgg11", {}),
+    ("transformer", dict(d_model=16, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                         dim_feedforward=32)),
+])
+def test_no_parameter_is_left_at_zero(arch, overrides):
+    # torch initialises attention and VGG biases and ViT's class token to zero; left so,
+    # a port that dropped them or took q's bias for k's would pass every comparison.
+    import torch
+
+    from porting.parity import randomize_torch_model
+    from porting.reference import build_torch_model
+
+    torch.manual_seed(0)
+    tmodel = build_torch_model(arch, **overrides)
+    zero = [k for k, p in tmodel.named_parameters() if not p.any()]
+    assert zero, "torch's own init has zero parameters here (what this test is about)"
+    randomize_torch_model(tmodel, seed=0)
+    assert not [k for k, p in tmodel.named_parameters() if not p.any()]

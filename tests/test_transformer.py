@@ -280,3 +280,26 @@ def test_encoder_stack_alone_matches_torch():
     fenc.eval()
     got = fenc(jnp.asarray(src), src_key_padding_mask=jnp.asarray(kpm))
     np.testing.assert_allclose(np.asarray(got), want, atol=OUT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(norm_first=True, activation="gelu", batch_first=True),
+])
+def test_parity_harness_runs_the_transformer(kw):
+    """porting.parity's run (what porting.verify and bench.device_check run): masks,
+    train mode, fp32 outputs, float64 gradients of every parameter in both modes."""
+    from porting.parity import run_parity
+
+    result = run_parity("transformer", batch=3, overrides={**SMALL, **kw}, fp32_grads=True)
+    assert result.passed, result.table()
+    names = [q.name.split(" [")[0] for q in result.quantities]
+    assert names == ["round trip torch->jax->torch", "eval outputs", "train outputs",
+                     "grads fp64 (eval mode)", "grads fp32 (eval mode)",
+                     "grads fp64 (train mode)", "grads fp32 (train mode)"]
+    # float64 all the way on both sides (jax's dot_product_attention takes its softmax
+    # in float32, which left ~1e-7 here).
+    assert all(q.max_rel < 1e-12 for q in result.quantities if "fp64" in q.name), result.table()
+    length = lambda n: (3, n, D) if kw.get("batch_first") else (n, 3, D)  # noqa: E731
+    assert (result.input_shape, result.target_shape) == (length(10), length(9))
+    assert result.input_label.startswith(f"src {'x'.join(map(str, length(10)))}, tgt")

@@ -69,3 +69,15 @@ def test_module_entry_point_exit_code():
     proc = subprocess.run([sys.executable, "-m", "porting.verify", "--arch", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown model" in proc.stderr
+
+
+def test_transformer(capsys):
+    assert main(["--arch", "transformer", "--size", "4", "3", "--no-grads", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "input src 4x2x512, tgt 3x2x512" in out and "eval outputs" in out
+    assert "PASS: transformer" in out
+    assert main(["--arch", "transformer", "--size", "0", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --size: transformer's source and target lengths must be >= 1, got 0 3")
+    assert main(["--arch", "mlp", "--size", "4", "3"]) == 2
+    assert "does not apply" in capsys.readouterr().err

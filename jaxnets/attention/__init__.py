@@ -23,7 +23,8 @@ dropout the module calls ``jax.nn.dot_product_attention`` (XLA here, cuDNN's
 fused kernel on GPUs where it applies; without masks,
 ``jaxnets.layers.dot_product_attention``, which on CPU is the same arithmetic
 with the heads moved before the tokens); otherwise it computes the softmax
-explicitly so the weights can be returned or dropped out.
+explicitly so the weights can be returned or dropped out. float64 takes the explicit
+path too: jax's function computes its softmax in float32.
 """
 
 from __future__ import annotations
@@ -287,7 +288,9 @@ class MultiheadAttention(nnx.Module):
         causal = is_causal and attn_mask is None
         dropping = (not self.dropout.deterministic) and self.dropout.rate > 0
 
-        if need_weights or dropping:
+        # jax's dot_product_attention takes its softmax in float32: exact enough below
+        # float64, not in it (float64 parity checks would see ~1e-7 errors).
+        if need_weights or dropping or q.dtype == jnp.float64:
             if causal:
                 tri = jnp.tril(jnp.ones((tgt_len, s_full), bool))
                 cb = jnp.where(tri, 0.0, -jnp.inf).astype(dtype)[None, None]
