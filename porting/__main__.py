@@ -2,14 +2,16 @@
 
 Commands:
 
-* ``convert --arch A --weights NAME_OR_PATH --out DIR [--num-classes N]``
-  writes a *converted directory* (``model.safetensors`` keyed by flax paths in
+* ``convert --arch A --weights NAME_OR_PATH --out DIR [--num-classes N]
+  [--model-arg KEY=VALUE ...]`` writes a *converted directory* (``model.safetensors`` keyed by flax paths in
   flax layout, plus ``jaxnets.json``; see ``porting.pretrained``). ``NAME`` is
   a registry weights name (``DEFAULT``, ``IMAGENET1K_V2``,
   ``resnet50.IMAGENET1K_V1``), fetched like ``from_torchvision`` does; a path
-  is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint.
+  is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint. ``--model-arg``:
+  constructor options (``image_size=384``, ``d_model=256``), kept in
+  ``jaxnets.json``.
 * ``export [--arch A] --checkpoint DIR --out FILE.pth|FILE.safetensors
-  [--num-classes N] [--step N|best]`` writes a torch state_dict that
+  [--num-classes N] [--step N|best] [--model-arg KEY=VALUE ...]`` writes a torch state_dict that
   ``torchvision.models.<A>().load_state_dict(..., strict=True)`` accepts.
   ``DIR`` is a ``train.finetune`` run directory (its newest checkpoint, or
   ``--step``; ``best``: the best by validation top-1), its ``checkpoints``
@@ -49,7 +51,7 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from jaxnets.cli import ArgumentParser
+    from jaxnets.cli import ArgumentParser, model_arg_type
 
     parser = ArgumentParser(prog="python -m porting", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs; a different count gets a fresh head")
     c.add_argument("--seed", type=int, default=0, help="seed for a fresh head")
+    c.add_argument("--model-arg", dest="model_args", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   type=model_arg_type({"num_classes": "use --num-classes",
+                                        "seed": "use --seed"}),
+                   help="constructor option of the architecture, repeatable, e.g. "
+                        "image_size=384 (vit) or d_model=256 (transformer); written to "
+                        "jaxnets.json, so the converted directory loads with it")
     c.add_argument("--cache-dir", default=None, help="converted cache root ($JAXNETS_CACHE)")
     c.add_argument("--no-progress", action="store_true", help="no download progress bar")
 
@@ -80,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="FILE.pth or FILE.safetensors")
     e.add_argument("--num-classes", type=int, default=None,
                    help="expected classifier outputs (default: the checkpoint's)")
+    e.add_argument("--model-arg", dest="model_args", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   type=model_arg_type({"num_classes": "use --num-classes"}),
+                   help="constructor option of the architecture, repeatable: for an Orbax "
+                        "checkpoint of a model built with options (a run or a converted "
+                        "directory names its own)")
 
     w = sub.add_parser("weights", help="list the pretrained weights names")
     w.add_argument("--arch", default=None, help="only this arch")
@@ -112,9 +127,11 @@ def _convert(args: argparse.Namespace) -> None:
         # Before any reading or converting (write_converted would refuse it at the end).
         raise CliError(f"--out {args.out} exists and is not a converted directory (no "
                        "jaxnets.json); not replacing it")
+    given = dict(args.model_args)
+    _check_model_args(args.arch, given, args.num_classes)
     model, report = pretrained.load_torchvision(
         args.arch, args.weights, num_classes=args.num_classes, seed=args.seed,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, progress=not args.no_progress, **given)
     if pretrained.is_weights_path(args.weights):
         source = str(Path(args.weights).resolve())
         overrides: dict[str, Any] = {}
@@ -124,12 +141,26 @@ def _convert(args: argparse.Namespace) -> None:
     else:
         w = pretrained.resolve_weights(args.arch, args.weights)
         source, overrides, weights_name = w.url, w.model_overrides, w.spec
+    overrides = {**overrides, **given}
     meta = {"arch": args.arch, "num_classes": pretrained.head_classes(model, args.arch),
             "model_overrides": overrides, "weights": weights_name, "source": source,
             "report": str(report)}
     pretrained.write_converted(args.out, pretrained.model_flat(model), meta)
     print(f"{args.arch}: {report}")
     print(f"wrote {args.out}")
+
+
+def _check_model_args(arch: str, overrides: dict, num_classes: int | None) -> None:
+    """An option the architecture does not have, or a value it refuses, is one line
+    before anything is read (the shape-only build is kept for the load)."""
+    if not overrides:
+        return
+    from porting import pretrained
+
+    try:
+        pretrained.build_abstract(arch, num_classes, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--model-arg: {_one_line(e)}") from None
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -163,7 +194,11 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
             tree = tree["model"]
     if not isinstance(tree, dict):
         raise CliError(f"{path}: Orbax checkpoint holds a {type(tree).__name__}, not a state")
-    return {k: np.asarray(v) for k, v in _flatten(tree).items()}
+    import jax
+
+    # Dropout's RNG state (typed PRNG keys) is no weight: the load seeds it afresh.
+    return {k: np.asarray(v) for k, v in _flatten(tree).items()
+            if not jax.dtypes.issubdtype(getattr(v, "dtype", np.float32), jax.dtypes.prng_key)}
 
 
 def _locate_run(path: Path):
@@ -233,6 +268,9 @@ def _export(args: argparse.Namespace) -> None:
         raise CliError(f"{ckpt} is neither a train.finetune run, a converted directory (no "
                        "jaxnets.json) nor an Orbax checkpoint")
     jaxnets.get_spec(arch)
+    if args.model_args:
+        overrides = {**overrides, **dict(args.model_args)}
+        _check_model_args(arch, overrides, None)
     model, _, nc = pretrained.load_into_abstract(
         arch, flat, torch_keys=False, label=label, default_classes=default_classes,
         overrides=overrides, consume=True)

@@ -626,7 +626,9 @@ def _inputs(spec, model, size, batch, seed):
         x = rng.standard_normal((batch, getattr(model, "in_features", spec.input_size[0])))
         x = x.astype(np.float32)
         return x, torch.from_numpy(x)
-    h, w = size or spec.input_size
+    # A ViT built with another image_size takes only that size.
+    fixed = getattr(model, "image_size", None)
+    h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
     x = rng.standard_normal((batch, h, w, spec.in_channels)).astype(np.float32)
     return x, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 

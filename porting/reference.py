@@ -93,4 +93,10 @@ def build_torch_model(name: str, num_classes: int | None = None, **overrides: An
 
 def transformer(**kw) -> nn.Module:
     """``torch.nn.Transformer`` with the given options (torch's defaults otherwise)."""
-    return nn.Transformer(**kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        # Its encoder's nested-tensor fast path (inference only) does not apply to
+        # sequence-first layers: torch warns at every build.
+        warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+        return nn.Transformer(**kw)

@@ -27,7 +27,7 @@ import sys
 import time
 
 from jaxnets import compile_cache
-from jaxnets.cli import ArgumentParser, one_line
+from jaxnets.cli import ArgumentParser, model_arg_type, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a torch checkpoint (.pth/.pt, or .safetensors) to compare with instead "
                         "of a random initialisation; read without executing pickled code")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, input and loss")
+    p.add_argument("--model-arg", dest="model_args", action="append", default=[],
+                   metavar="KEY=VALUE", type=model_arg_type(),
+                   help="constructor option of both models, repeatable, e.g. image_size=96 "
+                        "(vit), d_model=64 (transformer), zero_init_residual=True")
     p.add_argument("--no-grads", action="store_true",
                    help="skip the gradient comparison (outputs and statistics only)")
     p.add_argument("--fp32-grads", action="store_true",
@@ -118,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     from porting.parity import run_parity
     from porting.state_dict import PortingError
 
+    overrides = dict(args.model_args)
+    if overrides:  # an unknown option or a refused value: one line before the build
+        from porting.pretrained import build_abstract
+
+        options = dict(overrides)
+        try:
+            build_abstract(args.arch, options.pop("num_classes", None), **options)
+        except (TypeError, ValueError) as e:
+            return _fail(f"--model-arg: {one_line(str(e), 600)}")
+
     state_dict = None
     if args.weights:
         try:
@@ -134,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         result = run_parity(args.arch, size=args.size, batch=args.batch, state_dict=state_dict,
                             seed=args.seed, jit=not args.eager, grads=not args.no_grads,
                             fp32_grads=args.fp32_grads, cpu_detours=args.cpu_detours,
-                            progress=progress)
+                            overrides=overrides, progress=progress)
     except PortingError as e:
         return _fail(f"{args.weights or args.arch}: {e}")
+    except TypeError as e:
+        if overrides and "argument" in str(e):  # an option torch's model does not take
+            return _fail(f"--model-arg: torch's {args.arch}: {one_line(str(e), 600)}")
+        raise
     except RuntimeError as e:
         if args.weights and "state_dict" in str(e):
             # torch's own message: a header line, then the missing and unexpected keys.

@@ -345,3 +345,50 @@ def test_a_run_keeps_its_model_options_for_export_and_as_weights(tmp_path, capsy
     assert finetune(["--arch", "lenet5", "--dataset", "digits", "--weights", str(run),
                      "--output-dir", str(tmp_path / "x")]) == 2
     assert "a run of mlp, not lenet5" in capsys.readouterr().err
+
+
+def test_model_args_convert_and_export_a_model_built_with_options(tmp_path, capsys):
+    # A transformer of another width and depth: its state_dict fits only a model built
+    # with the same options, which the converted directory keeps for the way back.
+    from porting.reference import build_torch_model
+
+    options = dict(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2,
+                   dim_feedforward=24)
+    torch.manual_seed(5)
+    tmodel = build_torch_model("transformer", **options)
+    pth = tmp_path / "t.pth"
+    torch.save(tmodel.state_dict(), pth)
+    out = tmp_path / "converted"
+    convert = ["convert", "--arch", "transformer", "--weights", str(pth), "--out", str(out)]
+    assert "does not fit" in _error(capsys, convert)
+    assert main(convert + [f"--model-arg={k}={v}" for k, v in options.items()]) == 0
+    assert read_converted(out)[1]["model_overrides"] == options
+    back = tmp_path / "back.pth"
+    assert main(["export", "--checkpoint", str(out), "--out", str(back)]) == 0
+    exported = torch.load(back, weights_only=True)
+    assert exported.keys() == tmodel.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in tmodel.state_dict().items())
+
+    # An Orbax checkpoint says nothing of its model: the options are given on export.
+    model = build_abstract("vit_b_32", 10, image_size=64)
+    materialize(model, "vit_b_32", 10, image_size=64)
+    ckpt = tmp_path / "vit"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(ckpt, nnx.state(model))
+    checkpointer.wait_until_finished()
+    export = ["export", "--arch", "vit_b_32", "--checkpoint", str(ckpt),
+              "--out", str(tmp_path / "vit.safetensors")]
+    assert "encoder.pos_embedding" in _error(capsys, export)
+    assert main(export + ["--model-arg", "image_size=64"]) == 0
+    exported = load_safetensors(tmp_path / "vit.safetensors")
+    expected = to_torch_state_dict(model)
+    assert exported.keys() == expected.keys()
+    assert all(np.array_equal(exported[k], expected[k]) for k in expected)
+
+    # Bad options: one line each, before anything is read or written.
+    assert "unexpected keyword argument 'd_modl'" in _error(
+        capsys, convert + ["--model-arg", "d_modl=16"])
+    assert "use --num-classes" in _error(capsys, export + ["--model-arg", "num_classes=3"])
+    assert "expected KEY=VALUE" in _error(capsys, export + ["--model-arg", "image_size"])
+    assert "not divisible" in _error(capsys, convert + ["--model-arg", "d_model=15",
+                                                        "--model-arg", "nhead=2"])

@@ -81,3 +81,18 @@ def test_transformer(capsys):
         "error: --size: transformer's source and target lengths must be >= 1, got 0 3")
     assert main(["--arch", "mlp", "--size", "4", "3"]) == 2
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_model_args(capsys):
+    # Both models are built with the options; a ViT of another image size takes that size.
+    assert main(["--arch", "vit_b_32", "--model-arg", "image_size=64", "--no-grads",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "input 2x64x64x3 (NHWC)" in out and "PASS: vit_b_32" in out
+    assert main(["--arch", "vit_b_32", "--model-arg", "imag_size=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model-arg: vit_b_32:") and "imag_size" in err
+    assert main(["--arch", "transformer", "--model-arg", "d_model=30", "--model-arg",
+                 "nhead=4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --model-arg: embed_dim 30 is not divisible by num_heads 4")

@@ -10,7 +10,6 @@ resolved config is what the run uses and what ``save`` writes to
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import math
@@ -185,18 +184,13 @@ def _lr_mult(text: str) -> tuple[str, float]:
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    if key in ("num_classes", "seed"):
-        raise argparse.ArgumentTypeError(
-            f"{key} is not a --model-arg: the class count comes from the dataset, the seed "
-            "from --seed")
+    from jaxnets.cli import parse_model_arg
+
+    why = "the class count comes from the dataset, the seed from --seed"
     try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = {"true": True, "false": False}.get(value.lower(), value)
-    return key, parsed
+        return parse_model_arg(text, {"num_classes": why, "seed": why})
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # argparse names a type by its function's name in "invalid <name> value: 'x'".
