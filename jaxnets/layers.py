@@ -77,6 +77,13 @@ def _cpu() -> bool:
     return _CPU_DETOURS and jax.default_backend() == "cpu"
 
 
+def _static(*shapes: Sequence) -> bool:
+    """Whether every dimension is a number: under ``jax.export`` with a symbolic batch
+    (``"b, 224, 224, 3"``) the detours' shape tests are undecidable, and lax's
+    operations, which take any shape, are used."""
+    return all(isinstance(d, int) for shape in shapes for d in shape)
+
+
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
@@ -237,7 +244,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     cpu_nhwc = (lhs.ndim == 4 and nhwc and not isinstance(padding, str)
                 and all(p >= 0 for pair in padding for p in pair)
                 and tuple(lhs_dilation or (1, 1)) == (1, 1) and not kwargs.get("out_sharding")
-                and kwargs.get("batch_group_count", 1) == 1 and _cpu())
+                and kwargs.get("batch_group_count", 1) == 1 and _cpu()
+                and _static(lhs.shape, rhs.shape))
     if cpu_nhwc:
         strides, pads = tuple(window_strides), tuple(map(tuple, padding))
         if _output_positions(lhs.shape, rhs.shape, strides, pads, rhs_dilation) == 0 < lhs.size:

@@ -146,3 +146,31 @@ def test_verify_cli_says_which_path(capsys):
     assert "TF32 off" in out and "PASS: lenet5" in out
     assert verify_main(["--arch", "lenet5", "--no-grads"]) == 0
     assert "jaxnets' CPU forms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, size", [("lenet5", 32), ("resnet18_cifar", 32),
+                                        ("googlenet", 48)])
+def test_jax_export_with_a_symbolic_batch(arch, size):
+    # Serialising a model for any batch size (jax.export, "b, H, W, C"): the CPU
+    # detours' shape tests cannot decide a symbolic batch ("1024*b >= 2048" raised),
+    # so lax's operations are traced, and give the model's results.
+    from flax import nnx
+
+    import jaxnets
+
+    model = jaxnets.create_model(arch)
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    channels = jaxnets.get_spec(arch).in_channels
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {size}, {size}, {channels}"),
+                                jnp.float32)
+    exported = jax.export.export(jax.jit(forward))(state, spec)
+    assert str(exported.out_avals[0].shape[0]) == "b"
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, size, size, channels)),
+                    jnp.float32)
+    np.testing.assert_allclose(np.asarray(exported.call(state, x)),
+                               np.asarray(jax.jit(forward)(state, x)), atol=1e-4, rtol=0)
