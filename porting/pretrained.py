@@ -165,16 +165,16 @@ def fill_from_flax(model: nnx.Module, flat: Mapping[str, Any], *,
     Args:
       model: the model (abstract or concrete).
       flat: dotted flax paths to arrays (e.g. a converted directory's tensors);
-        entries that are not parameters or statistics of the model (RNG state
-        saved with ``nnx.state``) are ignored.
+        RNG state saved with ``nnx.state`` (``....rngs.key``/``count``) is skipped.
       ignore: regexes over *torch* keys to leave out (e.g. the head).
 
     Returns:
       The report, keyed by torch names like ``load_torch_state_dict``'s.
 
     Raises:
-      PortingError: a parameter missing or of the wrong shape, naming them all;
-        the model is left unchanged.
+      PortingError: a parameter missing or of the wrong shape, or an entry the
+        model has no place for (a deeper model's layers), naming them all; the
+        model is left unchanged.
     """
     return _fill_index(type(model).__name__, _index(model), flat, tuple(ignore), owned=False)
 
@@ -198,10 +198,18 @@ def _fill_index(name: str, index: _Index, flat: Mapping[str, Any], ignore: tuple
             continue
         updates.append((var, value, current.dtype))
         report.loaded.append(key)
-    if report.missing or report.mismatched:
+    report.unexpected = [k for k in flat if k not in index and not _rng_state(k)]
+    if report.missing or report.mismatched or report.unexpected:
         lines = [f"parameters do not fit {name}:"]
+        if report.missing and all(isinstance(index[k][0], nnx.BatchStat)
+                                  for k in report.missing):
+            lines[0] = (f"parameters do not fit {name} (no BatchNorm statistics: save "
+                        "nnx.state(model), not only its nnx.Param):")
         if report.missing:
             lines.append(f"  {len(report.missing)} missing: " + ", ".join(report.missing))
+        if report.unexpected:
+            lines.append(f"  {len(report.unexpected)} unexpected (the model has no place for "
+                         "them): " + ", ".join(report.unexpected))
         if report.mismatched:
             lines.append(f"  {len(report.mismatched)} shape mismatch: " + ", ".join(
                 f"{k} expected {list(e)} got {list(g)}" for k, e, g in report.mismatched))
@@ -209,6 +217,12 @@ def _fill_index(name: str, index: _Index, flat: Mapping[str, Any], ignore: tuple
     for var, value, dtype in updates:
         var.set_value(to_device(value, dtype, owned=owned))
     return report
+
+
+def _rng_state(path: str) -> bool:
+    """Whether a flax path is RNG state (a dropout layer's ``rngs.key``/``rngs.count``)."""
+    parts = path.split(".")
+    return "rngs" in parts[:-1] and parts[-1] in ("key", "count")
 
 
 def head_classes(model: nnx.Module, arch: str) -> int | None:

@@ -392,3 +392,33 @@ def test_model_args_convert_and_export_a_model_built_with_options(tmp_path, caps
     assert "expected KEY=VALUE" in _error(capsys, export + ["--model-arg", "image_size"])
     assert "not divisible" in _error(capsys, convert + ["--model-arg", "d_model=15",
                                                         "--model-arg", "nhead=2"])
+
+
+def test_export_refuses_a_checkpoint_with_more_than_the_model_holds(tmp_path, capsys):
+    # A deeper model's checkpoint fills every variable of a shallower one: its extra
+    # layers must be an error, not silently left out of the export.
+    options = dict(d_model=16, nhead=2, num_decoder_layers=1, dim_feedforward=24)
+    model = build_abstract("transformer", None, num_encoder_layers=2, **options)
+    materialize(model, "transformer", None, num_encoder_layers=2, **options)
+    ckpt = tmp_path / "deep"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(ckpt, nnx.state(model))
+    checkpointer.wait_until_finished()
+    export = ["export", "--arch", "transformer", "--checkpoint", str(ckpt),
+              "--out", str(tmp_path / "t.pth")] + [f"--model-arg={k}={v}"
+                                                   for k, v in options.items()]
+    err = _error(capsys, export + ["--model-arg", "num_encoder_layers=1"])
+    assert "unexpected" in err and "encoder.layers.1.linear1.kernel" in err
+    assert "rngs" not in err  # dropout's RNG state is no weight
+    assert not (tmp_path / "t.pth").exists()
+    assert main(export + ["--model-arg", "num_encoder_layers=2"]) == 0
+
+    # Parameters without their BatchNorm statistics: said so.
+    model = build_abstract("resnet18_cifar", 10)
+    materialize(model, "resnet18_cifar", 10)
+    ckpt = tmp_path / "params"
+    checkpointer.save(ckpt, nnx.state(model, nnx.Param))
+    checkpointer.wait_until_finished()
+    err = _error(capsys, ["export", "--arch", "resnet18_cifar", "--checkpoint", str(ckpt),
+                          "--out", str(tmp_path / "r.pth")])
+    assert "no BatchNorm statistics" in err and "bn1.mean" in err
