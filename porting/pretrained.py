@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 import jaxnets
+from jaxnets.cli import one_line
 from porting import hub
 from porting.pth import load_state_dict_file
 from porting.rules import rules_for, torch_key
@@ -554,6 +555,7 @@ def _cache_entry(root: Path, w: Weights) -> Path:
 def _try_cache(entry: Path, w: Weights, overrides: Mapping[str, Any], num_classes: int | None):
     if not is_converted(entry):
         return None
+    meta: dict = {}
     try:
         flat, meta = read_converted(entry)
         if (meta.get("arch"), meta.get("weights"), meta.get("url")) != (w.arch, w.spec, w.url):
@@ -562,8 +564,12 @@ def _try_cache(entry: Path, w: Weights, overrides: Mapping[str, Any], num_classe
                                   num_classes=num_classes, default_classes=w.num_classes,
                                   overrides=overrides, consume=True)
     except (ValueError, OSError) as e:
-        # A stale or damaged entry is rebuilt from the source below.
-        log.warning("ignoring converted cache %s: %s", entry, str(e).splitlines()[0])
+        # A stale or damaged entry is rebuilt from the source below. The entry holds
+        # the weights' own model: one built with other options that do not fit it (a
+        # ViT's image_size) converts from the source, with nothing to warn about.
+        if isinstance(e, PortingError) and overrides != meta.get("model_overrides"):
+            return None
+        log.warning("ignoring converted cache %s: %s", entry, one_line(str(e), 300))
         return None
 
 
@@ -584,6 +590,13 @@ def _write_cache(entry: Path, w: Weights, model: nnx.Module, report: LoadReport,
                 flat[path] = np.asarray(var.get_value())
             else:
                 flat[path] = as_contiguous(layout.from_torch(sd[key]))
+    # The entry is the checkpoint as the weights' own model takes it. A model built with
+    # other options may hold it adapted (a ViT's image_size resizes the position
+    # embedding): that is not cached under the weights' name.
+    own = _index(build_abstract(w.arch, w.num_classes, **w.model_overrides))
+    if any(path in own and tuple(own[path][0].get_value().shape) != value.shape
+           for path, value in flat.items()):
+        return "not cached (the model's options change the checkpoint's values)"
     meta = {"arch": w.arch, "weights": w.spec, "url": w.url, "hash_prefix": w.hash_prefix,
             "num_classes": w.num_classes, "model_overrides": w.model_overrides,
             "source": str(source)}

@@ -292,3 +292,33 @@ def test_run_directory_points_to_train_checkpoint_load_model(tmp_path):
     model = pretrained.from_torchvision("lenet5", weights)
     np.testing.assert_array_equal(np.asarray(model.fc3.kernel[...]),
                                   np.asarray(source.fc3.kernel[...]))
+
+
+def test_a_vit_of_another_image_size_leaves_the_converted_cache_as_it_was(dirs, caplog):
+    # Loaded at image_size=64, the model holds the position embedding resized; that
+    # was cached under the weights' name, and every later load, at either size,
+    # found an entry that did not fit it (a warning, a new conversion, and an export
+    # of the entry that failed).
+    import logging
+
+    hub_dir, cache_root = dirs
+    torch.manual_seed(0)
+    tm = torchvision.models.vit_b_32()
+    hub_dir.mkdir(parents=True)
+    name = _save_hub_named(tm, hub_dir, "vit_b_32")
+    w = dataclasses.replace(get_weights("vit_b_32"), hash_prefix=name.split("-")[1].split(".")[0],
+                            url=f"http://127.0.0.1:{_closed_port()}/{name}")
+    entry = cache_root / "vit_b_32.IMAGENET1K_V1"
+    caplog.set_level(logging.WARNING)
+    small, report = pretrained.load_torchvision("vit_b_32", w, progress=False, image_size=64)
+    assert small.encoder.pos_embedding.shape == (1, 5, 768) and not entry.exists()
+    assert any(n.startswith("not cached") for n in report.notes), report.notes
+    pretrained.load_torchvision("vit_b_32", w, progress=False)
+    assert read_converted(entry)[0]["encoder.pos_embedding"].shape == (1, 50, 768)
+    again, report = pretrained.load_torchvision("vit_b_32", w, progress=False, image_size=64)
+    assert any(n == f"source: {hub_dir / name}" for n in report.notes), report.notes
+    np.testing.assert_array_equal(again.encoder.pos_embedding.get_value(),
+                                  small.encoder.pos_embedding.get_value())
+    _, report = pretrained.load_torchvision("vit_b_32", w, progress=False)
+    assert any("converted cache" in n for n in report.notes)
+    assert not [r for r in caplog.records if "ignoring converted cache" in r.getMessage()]
