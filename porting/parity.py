@@ -539,9 +539,10 @@ def _build_pair(arch, overrides, state_dict, seed, size, batch):
     # Shape-only build, filled by the load: a 100M-parameter model is not
     # initialised just to be overwritten.
     num_classes = _num_classes(tmodel.state_dict(), spec)
-    fmodel = build_abstract(arch, num_classes, **overrides)
+    options = {k: v for k, v in overrides.items() if k != "num_classes"}  # the head's count
+    fmodel = build_abstract(arch, num_classes, **options)
     load_torch_state_dict(fmodel, tmodel.state_dict(), strict=True)
-    materialize(fmodel, arch, num_classes, seed, **overrides)
+    materialize(fmodel, arch, num_classes, seed, **options)
     _zero_dropout_flax(fmodel)
     return spec, tmodel, fmodel
 
@@ -629,7 +630,9 @@ def _inputs(spec, model, size, batch, seed):
     # A ViT built with another image_size takes only that size.
     fixed = getattr(model, "image_size", None)
     h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
-    x = rng.standard_normal((batch, h, w, spec.in_channels)).astype(np.float32)
+    channels = getattr(model, "in_channels", None)  # LeNet-5 and AlexNet take the option
+    channels = channels if isinstance(channels, int) else spec.in_channels
+    x = rng.standard_normal((batch, h, w, channels)).astype(np.float32)
     return x, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 

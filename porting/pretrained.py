@@ -118,6 +118,51 @@ def build_abstract(arch: str, num_classes: int | None = None, **overrides: Any) 
     return nnx.merge(*_ABSTRACT[key], copy=True)
 
 
+def check_forward(model: nnx.Module, arch: str, size: tuple[int, int] | None = None,
+                  batch: int = 1) -> tuple[int, ...]:
+    """Traces one eval-mode forward pass of a model, values left out (a model from
+    :func:`build_abstract` costs no initialisation), so that an input it cannot take
+    or a constructor option it only uses in the forward pass (a string where a number
+    belongs) fails before anything is read or computed.
+
+    Args:
+      model: the model (abstract or concrete; it is not changed).
+      arch: its registry name.
+      size: image (height, width), or a sequence model's (source, target) lengths;
+        None: the model's own (a ViT's ``image_size``), else the spec's.
+      batch: batch size.
+
+    Returns:
+      The input shape traced (a sequence model's source).
+
+    Raises:
+      ValueError, TypeError: the model's own message.
+    """
+    import jax.numpy as jnp
+
+    spec = jaxnets.get_spec(arch)
+    if spec.kind == "sequence":
+        s, t = size or (4, 3)
+        e = model.d_model
+        shapes = [(batch, n, e) if model.batch_first else (n, batch, e) for n in (s, t)]
+    elif spec.kind == "vector":
+        shapes = [(batch, model.in_features)]
+    else:
+        fixed = getattr(model, "image_size", None)
+        h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
+        channels = getattr(model, "in_channels", None)
+        shapes = [(batch, h, w, channels if isinstance(channels, int) else spec.in_channels)]
+    graphdef, state = nnx.split(model)
+
+    def forward(state, *xs):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return m(*xs)
+
+    jax.eval_shape(forward, state, *(jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes))
+    return shapes[0]
+
+
 def materialize(model: nnx.Module, arch: str, num_classes: int | None = None, seed: int = 0,
                 **overrides: Any) -> list[str]:
     """Initialises the variables still abstract, as ``create_model(seed=seed)`` would.

@@ -90,6 +90,26 @@ def _read_weights(path: str) -> dict:
     return state_dict
 
 
+def _model_problem(args: argparse.Namespace, spec, overrides: dict) -> str | None:
+    """What the jaxnets model refuses, traced without values before anything is built:
+    an option it does not have or a value it cannot use (``--model-arg``), an input it
+    cannot take (LeNet-5 takes 32x32 only, a ViT its ``image_size``)."""
+    from porting.pretrained import build_abstract, check_forward
+
+    options = dict(overrides)
+    try:
+        model = build_abstract(args.arch, options.pop("num_classes", None), **options)
+    except (TypeError, ValueError) as e:
+        return f"--model-arg: {one_line(str(e), 600)}"
+    try:
+        check_forward(model, args.arch, args.size, args.batch)
+    except (TypeError, ValueError) as e:
+        if spec.kind == "image" and "image" in str(e):  # the input's size or channels
+            return f"{args.arch}: {one_line(str(e), 600)}"
+        return f"--model-arg: {args.arch}'s forward pass: {one_line(str(e), 600)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the verification; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -108,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             if min(args.size) < 1:
                 return _fail(f"--size: {args.arch}'s source and target lengths must be >= 1, "
                              f"got {args.size[0]} {args.size[1]}")
-        elif any(s < m for s, m in zip(args.size, spec.min_size)):
+        elif "image_size" not in dict(args.model_args) and any(
+                s < m for s, m in zip(args.size, spec.min_size)):
             return _fail(f"{args.arch} needs inputs of at least {spec.min_size[0]}x"
                          f"{spec.min_size[1]}, got {args.size[0]}x{args.size[1]}")
     try:
@@ -123,14 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from porting.state_dict import PortingError
 
     overrides = dict(args.model_args)
-    if overrides:  # an unknown option or a refused value: one line before the build
-        from porting.pretrained import build_abstract
-
-        options = dict(overrides)
-        try:
-            build_abstract(args.arch, options.pop("num_classes", None), **options)
-        except (TypeError, ValueError) as e:
-            return _fail(f"--model-arg: {one_line(str(e), 600)}")
+    if (problem := _model_problem(args, spec, overrides)) is not None:
+        return _fail(problem)
 
     state_dict = None
     if args.weights:

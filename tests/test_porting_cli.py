@@ -422,3 +422,13 @@ def test_export_refuses_a_checkpoint_with_more_than_the_model_holds(tmp_path, ca
     err = _error(capsys, ["export", "--arch", "resnet18_cifar", "--checkpoint", str(ckpt),
                           "--out", str(tmp_path / "r.pth")])
     assert "no BatchNorm statistics" in err and "bn1.mean" in err
+
+
+def test_model_arg_values_the_forward_pass_cannot_use_are_refused_first(tmp_path, capsys):
+    # A string where a number belongs builds (the option is only stored) and failed in
+    # the first forward pass, after the directory was written with it.
+    out = tmp_path / "converted"
+    err = _error(capsys, ["convert", "--arch", "transformer", "--weights", str(tmp_path / "x.pth"),
+                          "--out", str(out), "--model-arg", "layer_norm_eps=nan"])
+    assert err.startswith("error: --model-arg: transformer's forward pass:"), err
+    assert not out.exists()

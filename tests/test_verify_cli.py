@@ -96,3 +96,24 @@ def test_model_args(capsys):
                  "nhead=4"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --model-arg: embed_dim 30 is not divisible by num_heads 4")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "lenet5", "--size", "40", "40"], "error: lenet5: LeNet5 takes 32x32 images only"),
+    (["--arch", "vit_b_32", "--model-arg", "image_size=256", "--size", "224", "224"],
+     "error: vit_b_32: VisionTransformer was built for 256x256 images; got 224x224"),
+    (["--arch", "transformer", "--model-arg", "batch_first=maybe"],
+     "error: --model-arg: transformer's forward pass:"),
+])
+def test_what_the_model_refuses_is_one_line_before_the_build(argv, message, capsys):
+    assert main(argv + ["--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err, err
+
+
+def test_model_args_the_spec_does_not_know(capsys):
+    # num_classes among the options (both models take it); a LeNet-5 of 3 channels.
+    assert main(["--arch", "lenet5", "--model-arg", "num_classes=3", "--model-arg",
+                 "in_channels=3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "input 2x32x32x3 (NHWC)" in out and "PASS" in out
