@@ -94,8 +94,12 @@ def get_spec(name: str) -> ModelSpec:
 
     Raises:
       UnknownModelError: naming the closest registered names.
+      TypeError: for a name that is not a string.
     """
     _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"a model name is a string (jaxnets.list_models() lists them); got "
+                        f"{type(name).__name__} {name!r}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -149,17 +153,21 @@ def create_model(name: str, *, num_classes: int | None = None, rngs: nnx.Rngs | 
 
     Raises:
       UnknownModelError: for an unregistered name.
-      TypeError: for an option the architecture does not have, or ``rngs``
-        that is not an ``nnx.Rngs``.
+      TypeError: for an option the architecture does not have, ``rngs``
+        that is not an ``nnx.Rngs``, or a ``seed`` that is no integer (or key).
       ValueError: for a ``num_classes`` that is not a positive integer.
     """
     spec = get_spec(name)
     if rngs is not None and not isinstance(rngs, nnx.Rngs):
         raise TypeError(f"{name}: rngs must be an nnx.Rngs (e.g. nnx.Rngs(0)); got "
                         f"{type(rngs).__name__} (or pass seed=...)")
+    if rngs is None and (isinstance(seed, (bool, str, float)) or seed is None):
+        raise TypeError(f"{name}: seed must be an integer (or a jax random key); got {seed!r}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
             num_classes, numbers.Integral) or num_classes < 1):
         raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+    if isinstance(seed, numbers.Integral):
+        seed = int(seed)  # nnx.Rngs takes a Python int or a key, not np.int64
     rngs = rngs if rngs is not None else nnx.Rngs(seed)
     kwargs = dict(overrides)
     if spec.kind == "image" or num_classes is not None:

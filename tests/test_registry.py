@@ -175,6 +175,13 @@ def test_constructor_arguments_are_checked():
             jaxnets.create_model("lenet5", num_classes=bad)
     with pytest.raises(TypeError, match="rngs must be an nnx.Rngs"):
         jaxnets.create_model("lenet5", rngs=0)
+    for bad in (None, 1.5, "0"):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            jaxnets.create_model("lenet5", seed=bad)
+    one, other = (jaxnets.create_model("lenet5", seed=s) for s in (np.int64(3), 3))
+    np.testing.assert_array_equal(one.conv1.kernel[...], other.conv1.kernel[...])
+    with pytest.raises(TypeError, match="a model name is a string"):
+        jaxnets.get_spec(None)
     with pytest.raises(ValueError, match="unknown model kind 'imgae'; kinds: image, sequence"):
         jaxnets.list_models(kind="imgae")
     assert jaxnets.list_models(kind="vector") == ["mlp"]
