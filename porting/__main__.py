@@ -33,6 +33,7 @@ import argparse
 import collections
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,11 @@ def _convert(args: argparse.Namespace) -> None:
                        "jaxnets.json); not replacing it")
     given = dict(args.model_args)
     _check_model_args(args.arch, given, args.num_classes)
+    try:
+        json.dumps(given)
+    except (TypeError, ValueError):
+        raise CliError("--model-arg: values are numbers, strings, booleans, None, or lists "
+                       f"and tuples of them (jaxnets.json keeps them); got {given}") from None
     model, report = pretrained.load_torchvision(
         args.arch, args.weights, num_classes=args.num_classes, seed=args.seed,
         cache_dir=args.cache_dir, progress=not args.no_progress, **given)
@@ -274,7 +280,13 @@ def _export(args: argparse.Namespace) -> None:
                        "jaxnets.json) nor an Orbax checkpoint")
     jaxnets.get_spec(arch)
     if args.model_args:
-        overrides = {**overrides, **dict(args.model_args)}
+        given = dict(args.model_args)
+        differ = {k: v for k, v in given.items() if k in overrides and overrides[k] != v}
+        if differ:
+            k, v = next(iter(differ.items()))
+            raise CliError(f"{ckpt} holds a model built with {k}={overrides[k]!r}, not "
+                           f"{k}={v!r} (--model-arg is for options it does not record)")
+        overrides = {**overrides, **given}
         _check_model_args(arch, overrides, None)
     model, _, nc = pretrained.load_into_abstract(
         arch, flat, torch_keys=False, label=label, default_classes=default_classes,

@@ -78,6 +78,12 @@ def _read_weights(path: str) -> dict:
         raise ValueError(f"{path} is a train.finetune run directory: write its model as torch "
                          f"weights with python -m porting export --checkpoint {path} --out "
                          "model.pth, then pass that file")
+    from porting.pretrained import is_converted
+
+    if is_converted(path):
+        raise ValueError(f"{path} is a converted directory (flax paths, flax layout): write "
+                         f"it as torch weights with python -m porting export --checkpoint "
+                         f"{path} --out model.pth, then pass that file")
     if path.endswith(".safetensors") or path.endswith(".json") or os.path.isdir(path):
         from porting.safetensors_io import load_safetensors
 

@@ -368,6 +368,15 @@ def test_model_args_convert_and_export_a_model_built_with_options(tmp_path, caps
     exported = torch.load(back, weights_only=True)
     assert exported.keys() == tmodel.state_dict().keys()
     assert all(torch.equal(exported[k], v) for k, v in tmodel.state_dict().items())
+    # Options the directory records are not overridden by another value.
+    assert "holds a model built with d_model=16, not d_model=32" in _error(
+        capsys, ["export", "--checkpoint", str(out), "--out", str(back), "--model-arg",
+                 "d_model=32"])
+    assert "a converted directory" in _error(capsys, ["verify", "--arch", "transformer",
+                                                       "--weights", str(out)])
+    assert "values are numbers, strings" in _error(
+        capsys, convert + [f"--model-arg={k}={v}" for k, v in options.items()]
+        + ["--model-arg", "layer_norm_eps=1j"])
 
     # An Orbax checkpoint says nothing of its model: the options are given on export.
     model = build_abstract("vit_b_32", 10, image_size=64)
