@@ -157,21 +157,14 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _check_model_args(arch: str, overrides: dict, num_classes: int | None) -> None:
-    """An option the architecture does not have, or a value it refuses (at its build
-    or in a forward pass traced without values), is one line before anything is read
-    (the shape-only build is kept for the load)."""
+    """An option the architecture does not have, or a value it refuses, is one line
+    before anything is read (``porting.pretrained.model_problem``)."""
     if not overrides:
         return
     from porting import pretrained
 
-    try:
-        model = pretrained.build_abstract(arch, num_classes, **overrides)
-    except (TypeError, ValueError) as e:
-        raise CliError(f"--model-arg: {_one_line(e)}") from None
-    try:  # options used only in the forward pass (a string where a number belongs)
-        pretrained.check_forward(model, arch)
-    except (TypeError, ValueError) as e:
-        raise CliError(f"--model-arg: {arch}'s forward pass: {_one_line(e)}") from None
+    if (problem := pretrained.model_problem(arch, overrides, num_classes=num_classes)):
+        raise CliError(problem)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -163,6 +163,37 @@ def check_forward(model: nnx.Module, arch: str, size: tuple[int, int] | None = N
     return shapes[0]
 
 
+def model_problem(arch: str, overrides: Mapping[str, Any] | None = None, *,
+                  num_classes: int | None = None, size: tuple[int, int] | None = None,
+                  batch: int = 1) -> str | None:
+    """What the jaxnets model refuses, found without computing anything: an option it
+    does not have or a value it cannot use, at its build or in one forward pass traced
+    without values (:func:`check_forward`), or an input it cannot take (LeNet-5 takes
+    32x32 only, a ViT its ``image_size``). The shape-only build is kept for the load.
+
+    Args:
+      arch: registry name.
+      overrides: constructor options (``--model-arg``).
+      num_classes: classifier outputs; the spec's default when None.
+      size, batch: the input, as for :func:`check_forward`.
+
+    Returns:
+      The problem as one line (``--model-arg: ...`` for an option, ``ARCH: ...`` for the
+      input size given), or None.
+    """
+    try:
+        model = build_abstract(arch, num_classes, **dict(overrides or {}))
+    except (TypeError, ValueError) as e:
+        return f"--model-arg: {one_line(str(e), 600)}"
+    try:
+        check_forward(model, arch, size, batch)
+    except (TypeError, ValueError) as e:
+        if size is not None and "image" in str(e):  # the size or channels given
+            return f"{arch}: {one_line(str(e), 600)}"
+        return f"--model-arg: {arch}'s forward pass: {one_line(str(e), 600)}"
+    return None
+
+
 def materialize(model: nnx.Module, arch: str, num_classes: int | None = None, seed: int = 0,
                 **overrides: Any) -> list[str]:
     """Initialises the variables still abstract, as ``create_model(seed=seed)`` would.

@@ -96,26 +96,6 @@ def _read_weights(path: str) -> dict:
     return state_dict
 
 
-def _model_problem(args: argparse.Namespace, spec, overrides: dict) -> str | None:
-    """What the jaxnets model refuses, traced without values before anything is built:
-    an option it does not have or a value it cannot use (``--model-arg``), an input it
-    cannot take (LeNet-5 takes 32x32 only, a ViT its ``image_size``)."""
-    from porting.pretrained import build_abstract, check_forward
-
-    options = dict(overrides)
-    try:
-        model = build_abstract(args.arch, options.pop("num_classes", None), **options)
-    except (TypeError, ValueError) as e:
-        return f"--model-arg: {one_line(str(e), 600)}"
-    try:
-        check_forward(model, args.arch, args.size, args.batch)
-    except (TypeError, ValueError) as e:
-        if spec.kind == "image" and "image" in str(e):  # the input's size or channels
-            return f"{args.arch}: {one_line(str(e), 600)}"
-        return f"--model-arg: {args.arch}'s forward pass: {one_line(str(e), 600)}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the verification; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -149,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     from porting.parity import run_parity
     from porting.state_dict import PortingError
 
+    from porting.pretrained import model_problem
+
     overrides = dict(args.model_args)
-    if (problem := _model_problem(args, spec, overrides)) is not None:
+    options = {k: v for k, v in overrides.items() if k != "num_classes"}
+    # Before anything is built: an option the model refuses, an input it cannot take.
+    if (problem := model_problem(args.arch, options, num_classes=overrides.get("num_classes"),
+                                 size=args.size, batch=args.batch)):
         return _fail(problem)
 
     state_dict = None
