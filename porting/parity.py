@@ -67,8 +67,6 @@ GRAD_SCALE_FLOOR = 1e-6
 # BatchNorm with running statistics (as when fine-tuning with frozen
 # statistics), and with batch statistics.
 GRAD_MODES = ("eval", "train")
-# Sequence models (torch.nn.Transformer): source and target lengths when no size is given.
-SEQUENCE_SIZE = (10, 9)
 
 
 @dataclasses.dataclass
@@ -593,16 +591,15 @@ def _torch_input(x, dtype):
     return x.to(dtype) if x.is_floating_point() else x
 
 
-def _sequence_inputs(model, size, batch, rng):
+def _sequence_inputs(model, arch, size, batch, rng):
     """Source and target sequences with every kind of mask a decoder-encoder takes
     as booleans: the causal target mask, and padding at the end of the last sequence
     of the batch (source, target and memory key padding)."""
-    s, t = size or SEQUENCE_SIZE
-    e = model.d_model
+    from porting.pretrained import SEQUENCE_SIZE, input_shapes
 
-    def seq(length):
-        shape = (batch, length, e) if model.batch_first else (length, batch, e)
-        return rng.standard_normal(shape).astype(np.float32)
+    s, t = size or SEQUENCE_SIZE
+    src, tgt = (rng.standard_normal(shape).astype(np.float32)
+                for shape in input_shapes(model, arch, (s, t), batch))
 
     def padding(length):
         mask = np.zeros((batch, length), bool)
@@ -611,7 +608,7 @@ def _sequence_inputs(model, size, batch, rng):
         return mask
 
     src_padding = padding(s)
-    return dict(src=seq(s), tgt=seq(t), tgt_mask=np.triu(np.ones((t, t), bool), 1),
+    return dict(src=src, tgt=tgt, tgt_mask=np.triu(np.ones((t, t), bool), 1),
                 src_key_padding_mask=src_padding, tgt_key_padding_mask=padding(t),
                 memory_key_padding_mask=src_padding)
 
@@ -619,20 +616,15 @@ def _sequence_inputs(model, size, batch, rng):
 def _inputs(spec, model, size, batch, seed):
     import torch
 
+    from porting.pretrained import input_shapes
+
     rng = np.random.default_rng(seed)
     if spec.kind == "sequence":
-        x = _sequence_inputs(model, size, batch, rng)
+        x = _sequence_inputs(model, spec.name, size, batch, rng)
         return x, {k: torch.from_numpy(v.copy()) for k, v in x.items()}
+    x = rng.standard_normal(input_shapes(model, spec.name, size, batch)[0]).astype(np.float32)
     if spec.kind == "vector":
-        x = rng.standard_normal((batch, getattr(model, "in_features", spec.input_size[0])))
-        x = x.astype(np.float32)
         return x, torch.from_numpy(x)
-    # A ViT built with another image_size takes only that size.
-    fixed = getattr(model, "image_size", None)
-    h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
-    channels = getattr(model, "in_channels", None)  # LeNet-5 and AlexNet take the option
-    channels = channels if isinstance(channels, int) else spec.in_channels
-    x = rng.standard_normal((batch, h, w, channels)).astype(np.float32)
     return x, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
@@ -684,7 +676,8 @@ def run_parity(arch: str, *, size: Sequence[int] | None = None, batch: int = 2,
         source and target sequences with a causal target mask and padding masks,
         torch's attention fast path off).
       size: input (height, width), for a sequence model (source, target) lengths;
-        None: the spec's default (``SEQUENCE_SIZE`` for sequence models).
+        None: the spec's default (``porting.pretrained.SEQUENCE_SIZE`` for sequence
+        models).
       batch: batch size.
       state_dict: torch weights to use instead of a random initialisation. Both
         models take its classifier head's class count unless ``overrides`` names

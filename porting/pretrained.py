@@ -118,6 +118,41 @@ def build_abstract(arch: str, num_classes: int | None = None, **overrides: Any) 
     return nnx.merge(*_ABSTRACT[key], copy=True)
 
 
+# Sequence models (torch.nn.Transformer): source and target lengths when no size is given.
+SEQUENCE_SIZE = (10, 9)
+
+
+def input_shapes(model, arch: str, size: tuple[int, int] | None = None,
+                 batch: int = 1) -> list[tuple[int, ...]]:
+    """The shapes of the inputs a model takes (a jaxnets model or its torch reference).
+
+    Args:
+      model: the model; its own ``image_size`` (a ViT), ``in_channels`` (LeNet-5,
+        AlexNet), ``in_features`` (MLP), ``d_model``/``batch_first`` (transformer)
+        decide where it has them.
+      arch: its registry name.
+      size: image (height, width), or a sequence model's (source, target) lengths;
+        None: the model's own, else the spec's (``SEQUENCE_SIZE`` for sequences).
+      batch: batch size.
+
+    Returns:
+      ``[NHWC]`` for an image model (channels last, also for a torch model),
+      ``[(N, features)]`` for a vector model, ``[source, target]`` for a sequence
+      model (``(S, N, E)``, or ``(N, S, E)`` with ``batch_first``).
+    """
+    spec = jaxnets.get_spec(arch)
+    if spec.kind == "sequence":
+        e = model.d_model
+        return [(batch, n, e) if model.batch_first else (n, batch, e)
+                for n in (size or SEQUENCE_SIZE)]
+    if spec.kind == "vector":
+        return [(batch, getattr(model, "in_features", spec.input_size[0]))]
+    fixed = getattr(model, "image_size", None)  # a ViT takes its own size only
+    h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
+    channels = getattr(model, "in_channels", None)
+    return [(batch, h, w, channels if isinstance(channels, int) else spec.in_channels)]
+
+
 def check_forward(model: nnx.Module, arch: str, size: tuple[int, int] | None = None,
                   batch: int = 1) -> tuple[int, ...]:
     """Traces one eval-mode forward pass of a model, values left out (a model from
@@ -128,9 +163,7 @@ def check_forward(model: nnx.Module, arch: str, size: tuple[int, int] | None = N
     Args:
       model: the model (abstract or concrete; it is not changed).
       arch: its registry name.
-      size: image (height, width), or a sequence model's (source, target) lengths;
-        None: the model's own (a ViT's ``image_size``), else the spec's.
-      batch: batch size.
+      size, batch: the input, as for :func:`input_shapes`.
 
     Returns:
       The input shape traced (a sequence model's source).
@@ -140,18 +173,7 @@ def check_forward(model: nnx.Module, arch: str, size: tuple[int, int] | None = N
     """
     import jax.numpy as jnp
 
-    spec = jaxnets.get_spec(arch)
-    if spec.kind == "sequence":
-        s, t = size or (4, 3)
-        e = model.d_model
-        shapes = [(batch, n, e) if model.batch_first else (n, batch, e) for n in (s, t)]
-    elif spec.kind == "vector":
-        shapes = [(batch, model.in_features)]
-    else:
-        fixed = getattr(model, "image_size", None)
-        h, w = size or ((fixed, fixed) if isinstance(fixed, int) else spec.input_size)
-        channels = getattr(model, "in_channels", None)
-        shapes = [(batch, h, w, channels if isinstance(channels, int) else spec.in_channels)]
+    shapes = input_shapes(model, arch, size, batch)
     graphdef, state = nnx.split(model)
 
     def forward(state, *xs):
@@ -770,7 +792,7 @@ def load_torchvision(arch: str, weights: Any = "DEFAULT", *, num_classes: int | 
     report.notes = source_notes + report.notes
     # Dropout's RNG state (``...rngs.key``/``.count``) is in no checkpoint, torch's
     # included: seeded, not a weight left out.
-    rng = [p for p in fresh if ".rngs." in f".{p}"]
+    rng = [p for p in fresh if _rng_state(p)]
     weights = [p for p in fresh if p not in rng]
     if weights:
         shown = ", ".join(weights[:4]) + (", ..." if len(weights) > 4 else "")

@@ -183,16 +183,6 @@ def _lr_mult(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _model_arg(text: str) -> tuple[str, Any]:
-    from jaxnets.cli import parse_model_arg
-
-    why = "the class count comes from the dataset, the seed from --seed"
-    try:
-        return parse_model_arg(text, {"num_classes": why, "seed": why})
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 # argparse names a type by its function's name in "invalid <name> value: 'x'".
 for _type, _name in ((_positive_int, "positive integer"), (_nonneg_int, "non-negative integer"),
                      (_fraction, "fraction"), (_nonneg_float, "non-negative number"),
@@ -203,7 +193,7 @@ for _type, _name in ((_positive_int, "positive integer"), (_nonneg_int, "non-neg
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser; ``--help`` documents every option."""
     from jaxnets import compile_cache
-    from jaxnets.cli import ArgumentParser
+    from jaxnets.cli import ArgumentParser, model_arg_type
 
     p = ArgumentParser(
         prog="python -m train.finetune",
@@ -230,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mmd_weight * MMD^2 between source and target head-input features")
     g.add_argument("--mmd-weight", type=_nonneg_float, default=1.0,
                    help="lambda of the MMD^2 term (with --target-dataset)")
-    g.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg,
+    why = "the class count comes from the dataset, the seed from --seed"
+    g.add_argument("--model-arg", dest="model_args", action="append",
+                   type=model_arg_type({"num_classes": why, "seed": why}),
                    default=[], metavar="KEY=VALUE",
                    help="constructor option of the architecture, repeatable "
                         "(e.g. zero_init_residual=True)")
