@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["to_rgb"]
+__all__ = ["to_rgb", "to_uint8"]
 
 
 def to_rgb(image: Any) -> Any:
@@ -29,3 +29,28 @@ def to_rgb(image: Any) -> Any:
             values = values * 255.0
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_uint8(pixels: Any) -> np.ndarray:
+    """An image array as uint8, by :func:`to_rgb`'s rules: 16-bit and wider
+    integers above 255 divided by 257 (their high byte, rounded), floats of
+    0..1 times 255, anything else clipped to 0..255; bool as 0/255.
+
+    Args:
+        pixels: ``[H, W]`` or ``[H, W, C]`` array of any real dtype.
+
+    Returns:
+        uint8 array of the same shape (``pixels`` itself when already uint8).
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * np.uint8(255)
+    values = pixels.astype(np.float64)
+    top = values.max() if values.size else 0.0
+    if np.issubdtype(pixels.dtype, np.integer) and (pixels.dtype.itemsize >= 2 and top > 255):
+        values = values / 257.0
+    elif np.issubdtype(pixels.dtype, np.floating) and top <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8)

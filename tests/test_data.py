@@ -460,9 +460,124 @@ def test_folder_takes_imagefolder_extensions_and_nested_files(tmp_path):
     assert sorted(found) == sorted(files + [str(p) for p in extra])
 
 
+def test_folder_order_and_labels_are_imagefolders(tmp_path):
+    """Files and class indices in torchvision's ImageFolder order (a class folder's own
+    files before its subfolders' files), so predictions' indices mean the same."""
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        for rel in ("b/z.png", "b/sub/a.png", "b/sub/deeper/0.jpg", "b/Y.bmp", "a/m.png",
+                    "a/a b/é.png", "a/a_b/1.png", "a/a-b.png"):
+            path = tmp_path / split / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (6, 6)).save(path)
+    source = D.load_dataset(str(tmp_path), split="train")
+    reference = ImageFolder(str(tmp_path / "train"))
+    assert source.files == [path for path, _ in reference.samples]
+    assert source.labels.tolist() == [label for _, label in reference.samples]
+    assert source.class_names == reference.classes
+
+
 def test_tfds_errors_end_cleanly():
     e = ValueError("Random access data source for file format FileFormat.TFRECORD is not "
                    "supported. Possible root causes:\n  - the dataset was built as tfrecord\n")
     assert D._tfds_error(e) == ("Random access data source for file format FileFormat.TFRECORD "
                                 "is not supported.")
     assert D._tfds_error(ValueError()) == "ValueError"
+
+
+# --------------------------------------------------------------------------
+# Host transforms of variable-size images
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_images_are_torchvisions_eval_preset_pixel_for_pixel(tmp_path, interpolation):
+    """A folder's evaluation images are what torchvision's ImageFolder loader and
+    ``weights.transforms()`` (``ImageClassification``) feed a model: non-square,
+    portrait, smaller than the crop before resizing, gray, and a large JPEG (no reduced decoding)."""
+    import jax.numpy as jnp
+    from torchvision.datasets.folder import default_loader
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    from train.augment import AugmentConfig, eval_transform
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate([(50, 37), (37, 50), (41, 41), (90, 20), (17, 15), (36, 300)]):
+        smooth = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+        image = Image.fromarray(smooth).resize((w, h), Image.Resampling.BICUBIC)
+        files.append(tmp_path / f"{i}.png")
+        image.save(files[-1])
+    Image.fromarray(rng.integers(0, 256, (9, 12), dtype=np.uint8)).save(tmp_path / "gray.png")
+    big = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((800, 600))
+    big.save(tmp_path / "big.jpg", quality=90)
+    files += [tmp_path / "gray.png", tmp_path / "big.jpg"]
+    crop, resize = 32, 35  # odd margins: CenterCrop rounds half to even
+    transform = D.HostTransform("eval", crop, resize, interpolation)
+    preset = ImageClassification(crop_size=crop, resize_size=resize,
+                                 interpolation=InterpolationMode(interpolation))
+    cfg = AugmentConfig(crop_size=crop, resize_size=resize, interpolation=interpolation,
+                        eval_prepared=True)
+    for path in files:
+        ours = D.decode_image(str(path), transform)
+        assert ours.shape == (crop, crop, 3) and ours.dtype == np.uint8
+        want = preset(default_loader(str(path))).numpy().transpose(1, 2, 0)
+        got = np.asarray(eval_transform(jnp.asarray(ours[None]), cfg))[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6, err_msg=str(path))
+
+
+def test_finetune_sets_storage_and_eval_transforms_of_variable_size_sources(tmp_path):
+    """Training stores squares at the largest of 256, the eval resize and the crop;
+    evaluation gets the eval transform; fixed-size sources are left as they are."""
+    _write_folder(tmp_path / "ds" / "train", per_class=2)
+    _write_folder(tmp_path / "ds" / "val", per_class=1)
+    train = D.load_dataset(str(tmp_path / "ds"), split="train")
+    val = D.load_dataset(str(tmp_path / "ds"), split="val")
+    assert D.set_host_transforms(train, val, crop_size=299, resize_size=342,
+                                 interpolation="bicubic")
+    assert train.host_transform == D.HostTransform("square", 342, interpolation="bicubic")
+    assert val.host_transform == D.HostTransform("eval", 299, 342, "bicubic")
+    assert train[0][0].shape == (342, 342, 3) and val[0][0].shape == (299, 299, 3)
+    D.set_host_transforms(train, val, crop_size=32, resize_size=32, interpolation="bilinear")
+    assert train.host_transform.size == 256
+    digits_train, digits_val = (D.load_dataset("digits", split=s) for s in ("train", "val"))
+    assert not D.set_host_transforms(digits_train, digits_val, crop_size=224, resize_size=256,
+                                     interpolation="bilinear")
+    assert digits_val[0][0].shape == (8, 8, 1)
+
+
+class _ListSource(list):
+    """A stand-in for what ``tfds.data_source`` returns; an int entry fails to read."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        if isinstance(item, int):
+            raise TypeError("int() argument must be a string, not 'NoneType'")
+        return item
+
+
+def test_tfds_images_of_other_dtypes_and_channels_are_scaled_to_8_bits():
+    def source(*images, storage_size=None):
+        rows = _ListSource({"image": im, "label": 1} if not isinstance(im, int) else im
+                           for im in images)
+        return D.TfdsSource("toy/train", rows, "image", "label", ["a", "b"], storage_size)
+
+    ramp = np.linspace(0, 1, 16).reshape(4, 4, 1)
+    as_uint8 = np.rint(ramp * 255).astype(np.uint8)
+    checks = [(ramp.astype(np.float32), as_uint8),  # 0..1 floats
+              ((ramp * 65535).astype(np.uint16), np.rint(np.rint(ramp * 65535) / 257)),
+              (np.concatenate([as_uint8] * 3 + [np.zeros_like(as_uint8)], -1),  # RGBA
+               np.concatenate([as_uint8] * 3, -1)),
+              (np.concatenate([as_uint8, np.zeros_like(as_uint8)], -1), as_uint8),  # gray + alpha
+              (as_uint8[:, :, 0] > 127, (as_uint8 > 127) * 255)]
+    for image, want in checks:
+        got, label = source(image)[0]
+        assert got.dtype == np.uint8 and label == 1, image.dtype
+        np.testing.assert_array_equal(got, np.asarray(want, np.uint8).reshape(got.shape))
+    assert source(ramp.astype(np.float32), storage_size=8)[0][0].shape == (8, 8, 3)
+    with pytest.raises(D.DataError, match=r"toy/train: example 0 has an image of shape "
+                                          r"\(4, 4, 13\); images need 1 to 4 channels"):
+        source(np.zeros((4, 4, 13), np.uint8))[0]
+    with pytest.raises(D.DataError, match=r"toy/train: cannot read example 1: TypeError: int"):
+        source(as_uint8, 7)[1]

@@ -652,3 +652,79 @@ def test_torch_trained_lenet_gives_the_same_predictions(tmp_path, capsys):
     np.testing.assert_array_equal(got["index"][order], np.arange(len(val)))
     np.testing.assert_array_equal(got["pred"][order], want)
     capsys.readouterr()
+
+
+def test_folder_evaluation_gives_torchvisions_logits(tmp_path, capsys):
+    """--eval-only on an image folder of varying sizes: the logits of a torch model
+    fed torchvision's ImageFolder loader and eval preset (bicubic, odd margins)."""
+    import torch
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms._presets import ImageClassification
+
+    from porting.reference import build_torch_model
+    from train.data import load_dataset
+
+    rng = np.random.default_rng(1)
+    sizes = [(50, 37), (37, 50), (41, 41), (90, 20), (17, 15), (120, 95)]
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "ds" / split / c).mkdir(parents=True)
+            for i, (w, h) in enumerate(sizes):
+                small = rng.integers(0, 256, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(
+                    tmp_path / "ds" / split / c / f"{i}.{'jpg' if i % 2 else 'png'}")
+    torch.manual_seed(0)
+    model = build_torch_model("resnet18_cifar", 2).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    assert finetune.main(["--arch", "resnet18_cifar", "--dataset", str(tmp_path / "ds"),
+                          "--weights", str(tmp_path / "m.pth"), "--eval-only",
+                          "--image-size", "32", "--resize-size", "35", "--interpolation",
+                          "bicubic", "--batch-size", "4", "--no-progress",
+                          "--output-dir", str(tmp_path / "run")]) == 0
+    got = np.load(tmp_path / "run" / "predictions.npz")
+    files = load_dataset(str(tmp_path / "ds"), split="val").files
+    preset = ImageClassification(crop_size=32, resize_size=35,
+                                 interpolation=InterpolationMode.BICUBIC)
+    x = torch.stack([preset(default_loader(files[i])) for i in got["index"]])
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert len(want) == 12
+    np.testing.assert_allclose(got["logits"], want, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+
+
+def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path, capsys):
+    """A corrupt file met at the epoch's evaluation stops the run in one line with the
+    epoch's checkpoint written; --skip-bad logs, skips and lists it. A validation split
+    with no images is refused before anything is written."""
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "ds" / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (10 + i, 9), (60 * i, 90, 30)).save(
+                    tmp_path / "ds" / split / c / f"{i}.png")
+    bad = tmp_path / "ds" / "val" / "b" / "1.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    args = ["--arch", "mlp", "--dataset", str(tmp_path / "ds"), "--weights", "none",
+            "--image-size", "8", "--epochs", "1", "--batch-size", "4", "--checkpoint-every", "0",
+            "--no-progress"]
+    run = tmp_path / "run"
+    assert finetune.main(args + ["--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot decode image ") and str(bad) in err[-1]
+    assert os.listdir(run / "checkpoints") == ["2"]  # the epoch's 2 steps are kept
+    assert finetune.main(args + ["--output-dir", str(tmp_path / "skip"), "--skip-bad"]) == 0
+    summary = json.load(open(tmp_path / "skip" / "summary.json"))
+    assert summary["skipped_files"] == [str(bad)] and summary["val_count"] == 4
+    assert "--skip-bad skipped 1 image file(s)" in capsys.readouterr().err
+    for c in ("a", "b"):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        Image.new("RGB", (9, 9)).save(tmp_path / "flat" / c / "0.png")
+    args[3] = str(tmp_path / "flat")
+    assert finetune.main(args + ["--output-dir", str(tmp_path / "flat_run")]) == 2
+    assert "its validation split flat/val holds no images" in capsys.readouterr().err
+    assert not (tmp_path / "flat_run").exists()

@@ -66,6 +66,10 @@ class AugmentConfig:
         interpolation: "bilinear" or "bicubic".
         antialias: torchvision's ``antialias`` flag of the resizes (default
             True, as in torchvision.transforms.v2).
+        eval_prepared: The eval images arrive resized and center-cropped to
+            ``crop_size`` (``train.data`` did torchvision's eval transform on
+            the host, for variable-size images): ``eval_transform`` only
+            normalises them.
     """
 
     crop_size: int = 224
@@ -83,6 +87,7 @@ class AugmentConfig:
     channels: int = 3
     interpolation: str = "bilinear"
     antialias: bool = True
+    eval_prepared: bool = False
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -711,7 +716,8 @@ def train_transform(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> ja
 def eval_transform(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
     """Resize(resize_size) -> CenterCrop(crop_size) -> Normalize, as torchvision.
 
-    The resize and crop are one op: only the rows and columns of the resized
+    With ``cfg.eval_prepared`` the images are already resized and cropped:
+    only Normalize (and the channel conversion) is left. The resize and crop are one op: only the rows and columns of the resized
     image that survive the crop are computed.
 
     Args:
@@ -722,8 +728,12 @@ def eval_transform(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
         float32 ``[N, crop, crop, cfg.channels]`` normalized batch.
     """
     _, height, width, _ = images.shape
-    out_h, out_w = resized_shape(height, width, cfg.resize_size)
     crop = cfg.crop_size
+    if cfg.eval_prepared:
+        if (height, width) != (crop, crop):
+            raise ValueError(f"eval_prepared images must be {crop}x{crop}, got {height}x{width}")
+        return normalize(to_channels(to_float(images), cfg.channels), cfg.mean, cfg.std)
+    out_h, out_w = resized_shape(height, width, cfg.resize_size)
     if crop > out_h or crop > out_w:
         resized = resize(
             images, cfg.resize_size, interpolation=cfg.interpolation, antialias=cfg.antialias

@@ -87,6 +87,7 @@ class Config:
     eval_only: bool = False
     log_every: int = 10
     num_workers: int = 4
+    skip_bad: bool = False
     progress: bool = True
     debug_nan_at_step: int | None = None
     precision: str = "fp32"
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=_positive_int, default=None,
                    help="eval batch (auto: batch size)")
     g.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip image files that cannot be decoded (each logged once and "
+                        "replaced by the next readable file; listed in summary.json) rather "
+                        "than stop at the first with one line naming it")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_nonneg_int, default=10,

@@ -23,14 +23,20 @@ Dataset specs (``--dataset``):
   class is split by a seeded stratified shuffle holding out ``val_fraction``
   (default 10%) of its files.
 
-Storage size: batches need one image shape, so sources whose images vary in
-size (folders, TFDS features of unknown shape) decode on the host and resize
-the shorter side to ``storage_size`` (default 256, PIL bilinear with
-antialiasing) and keep the central square. The eval transform
-``Resize(256) + CenterCrop(224)`` then sees exactly the pixels torchvision
-would; the train crop samples from the central square only. Fixed-shape
-datasets (digits, cifar10, mnist) keep their native size; the on-device
-augmentation (``train.augment``) does the final resize.
+Host transforms: batches need one image shape, so sources whose images vary in
+size (folders, TFDS features of unknown shape) shape each image on the host
+(``HostTransform``). Training images are stored as the central square of the
+image resized so its shorter side is ``storage_size`` (default 256; finetune
+uses the largest of 256, the eval resize and the crop), and the on-device
+``RandomResizedCrop`` samples from that square: a landscape or portrait image
+loses its edges there, where torchvision's crop would sample the whole image.
+Evaluation images get torchvision's eval transform on the host, on the PIL
+image as ``ImageFolder`` + ``weights.transforms()`` do (``Resize`` of the
+shorter side with the weights' interpolation, then ``CenterCrop``), so the
+model sees exactly the pixels a torchvision evaluation would; the device then
+only normalises (``AugmentConfig.eval_prepared``). Fixed-shape datasets
+(digits, cifar10, mnist) keep their native size; the on-device augmentation
+(``train.augment``) does every resize.
 
 Why a small threaded loader rather than grain: the loader must (a) shuffle
 epoch ``e`` with ``seed + e`` exactly, (b) hand process ``p`` the ``p``-th
@@ -120,6 +126,80 @@ class ArraySource:
         return self.images[indices], self.labels[indices]
 
 
+_PIL_FILTERS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTransform:
+    """How a variable-size image is shaped on the host (see the module doc).
+
+    Attributes:
+        kind: ``"square"``: the shorter side resized to ``size``, then the
+            central square (training storage); ``"eval"``: torchvision's
+            ``Resize(resize_size)`` of the shorter side, then
+            ``CenterCrop(size)`` (zero-padded where the image is smaller), as
+            torchvision's PIL path does it: the model's evaluation input.
+        size: Side of the output square.
+        resize_size: Shorter side before the center crop (``"eval"`` only).
+        interpolation: "bilinear" or "bicubic" (PIL's filters, antialiased
+            as torchvision's PIL resize always is).
+    """
+
+    kind: str = "square"
+    size: int = DEFAULT_STORAGE_SIZE
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.kind not in ("square", "eval"):
+            raise ValueError(f"kind must be 'square' or 'eval', got {self.kind!r}")
+        if self.interpolation not in _PIL_FILTERS:
+            raise ValueError(f"interpolation must be one of {tuple(_PIL_FILTERS)}, "
+                             f"got {self.interpolation!r}")
+        if self.size < 1 or (self.kind == "eval" and not (self.resize_size or 0) >= 1):
+            raise ValueError(f"bad sizes in {self}")
+
+    def __call__(self, image: Any) -> np.ndarray:
+        """Shapes one PIL image (any mode: ``jaxnets.imageio.to_rgb``).
+
+        Returns:
+            uint8 ``[size, size, 3]``.
+        """
+        from PIL import Image
+
+        from jaxnets.imageio import to_rgb
+
+        image = to_rgb(image)
+        resample = getattr(Image.Resampling, _PIL_FILTERS[self.interpolation])
+        width, height = image.size
+        if self.kind == "square":
+            side = min(width, height)
+            left, top = (width - side) / 2.0, (height - side) / 2.0
+            # One PIL resize with a source box does crop + antialiased resize at once.
+            box = (left, top, left + side, top + side)
+            return np.asarray(image.resize((self.size, self.size), resample, box=box), np.uint8)
+        from train.augment import center_crop_box, resized_shape
+
+        new_h, new_w = resized_shape(height, width, self.resize_size)
+        # torchvision leaves an image already at its size as it is; so does PIL.
+        pixels = np.asarray(image.resize((new_w, new_h), resample), np.uint8)
+        crop = self.size
+        pad_h, pad_w = max(crop - new_h, 0), max(crop - new_w, 0)
+        if pad_h or pad_w:  # torchvision's CenterCrop pads with zeros first
+            pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2),
+                                     (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+        top, left = center_crop_box(pixels.shape[0], pixels.shape[1], crop, crop)
+        return np.ascontiguousarray(pixels[top : top + crop, left : left + crop])
+
+
+def train_storage(crop_size: int, resize_size: int, interpolation: str) -> HostTransform:
+    """The training storage of variable-size images for a model fed ``crop_size``
+    pixels: the central square at the largest of 256, the eval resize and the
+    crop, so the random crops are never upsampled from a smaller store."""
+    size = max(DEFAULT_STORAGE_SIZE, crop_size, resize_size)
+    return HostTransform("square", size, interpolation=interpolation)
+
+
 def fit_storage(image: Any, size: int) -> np.ndarray:
     """Resizes a PIL image so its shorter side is ``size``, keeping the central square.
 
@@ -130,40 +210,33 @@ def fit_storage(image: Any, size: int) -> np.ndarray:
     Returns:
         uint8 ``[size, size, 3]``.
     """
-    from PIL import Image
-
-    from jaxnets.imageio import to_rgb
-
-    image = to_rgb(image)
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) / 2.0, (height - side) / 2.0
-    # One PIL resize with a source box does crop + antialiased resize at once.
-    box = (left, top, left + side, top + side)
-    out = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(out, np.uint8)
+    return HostTransform("square", size)(image)
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """Decodes an image file to uint8 ``[size, size, 3]`` (see ``fit_storage``).
+def decode_image(path: str, size: int | HostTransform) -> np.ndarray:
+    """Decodes an image file to uint8 ``[size, size, 3]``.
 
     Args:
         path: Image file.
-        size: Storage side length.
+        size: A ``HostTransform``, or the side of a ``"square"`` one (see
+            ``fit_storage``).
 
     Returns:
-        The decoded, resized image.
+        The decoded, shaped image.
 
     Raises:
         DataError: The file cannot be read or decoded; the message names it.
     """
     from PIL import Image
 
+    transform = size if isinstance(size, HostTransform) else HostTransform("square", size)
     try:
         with Image.open(path) as image:
-            # JPEG can decode directly at a reduced scale that is still >= size.
-            image.draft("RGB", (size, size))
-            return fit_storage(image, size)
+            if transform.kind == "square":
+                # JPEG can decode directly at a reduced scale that is still >= size.
+                # Not for evaluation: torchvision decodes the whole image.
+                image.draft("RGB", (transform.size, transform.size))
+            return transform(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
 
@@ -177,6 +250,7 @@ class FolderSource:
         labels: Class index of each file.
         class_names: Name of each class index.
         storage_size: Side of the stored square images (see module doc).
+            ``host_transform``, settable, replaces it (a ``HostTransform``).
         skip_bad: If True an undecodable file is logged, counted in
             ``bad_files`` and replaced by the next readable file (in index
             order, wrapping), so every read stays deterministic and batches
@@ -197,7 +271,7 @@ class FolderSource:
         self.labels = np.asarray(labels, np.int32)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.storage_size = storage_size
+        self.host_transform = HostTransform("square", storage_size)
         self.skip_bad = skip_bad
         self.bad_files: set[str] = set()
         self._lock = threading.Lock()
@@ -214,7 +288,7 @@ class FolderSource:
         for offset in range(len(self.files)):
             i = (index + offset) % len(self.files)
             try:
-                return decode_image(self.files[i], self.storage_size), int(self.labels[i])
+                return decode_image(self.files[i], self.host_transform), int(self.labels[i])
             except DataError as e:
                 if not self.skip_bad:
                     raise
@@ -228,6 +302,10 @@ class FolderSource:
 class TfdsSource:
     """A split of a TFDS dataset read through ``tfds.data_source``.
 
+    Images that are not uint8 are scaled to 8 bits as image files are
+    (``jaxnets.imageio.to_uint8``); 2 channels (gray + alpha) keep the first,
+    4 (RGBA) the first three.
+
     Args:
         name: Dataset name for messages.
         data_source: What ``tfds.data_source`` returned for one split.
@@ -235,7 +313,8 @@ class TfdsSource:
         label_key: Feature holding the ClassLabel.
         class_names: Name of each class index.
         storage_size: If not None, images are resized on the host (variable
-            image shapes); None keeps them as stored.
+            image shapes; a ``"square"`` ``HostTransform`` of that side, which
+            ``host_transform`` replaces); None keeps them as stored.
     """
 
     def __init__(self, name, data_source, image_key, label_key, class_names, storage_size=None):
@@ -245,22 +324,66 @@ class TfdsSource:
         self.label_key = label_key
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.storage_size = storage_size
+        self.host_transform = None if storage_size is None else HostTransform("square",
+                                                                              storage_size)
+
+    @property
+    def storage_size(self) -> int | None:
+        """Side of the host-shaped images; None for fixed-size ones (kept as stored)."""
+        return None if self.host_transform is None else self.host_transform.size
 
     def __len__(self) -> int:
         return len(self.data_source)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        example = self.data_source[int(index)]
-        image = np.asarray(example[self.image_key])
+        from jaxnets.imageio import to_uint8
+
+        try:
+            example = self.data_source[int(index)]
+            image, label = np.asarray(example[self.image_key]), int(example[self.label_key])
+        except Exception as e:  # noqa: BLE001 -- ArrayRecord/tfds decoding raise many kinds
+            raise DataError(f"{self.name}: cannot read example {index}: "
+                            f"{type(e).__name__}: {e}") from e
         if image.ndim == 2:
             image = image[:, :, None]
-        if self.storage_size is not None:
+        if image.ndim != 3 or image.shape[2] not in _CHANNELS:
+            raise DataError(f"{self.name}: example {index} has an image of shape {image.shape}; "
+                            "images need 1 to 4 channels (gray, gray + alpha, RGB, RGBA)")
+        image = to_uint8(image[:, :, : _CHANNELS[image.shape[2]]])
+        if self.host_transform is not None:
             from PIL import Image
 
-            pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-            image = fit_storage(pil, self.storage_size)
-        return image.astype(np.uint8, copy=False), int(example[self.label_key])
+            image = self.host_transform(Image.fromarray(image[:, :, 0] if image.shape[2] == 1
+                                                        else image))
+        return image, label
+
+
+# Channels kept of an image with 1, 2 (gray + alpha), 3 or 4 (RGBA) channels.
+_CHANNELS = {1: 1, 2: 1, 3: 3, 4: 3}
+
+
+def set_host_transforms(
+    train: Source, val: Source, *, crop_size: int, resize_size: int, interpolation: str,
+    extra: Sequence[Source] = (),
+) -> bool:
+    """Sets how sources of variable-size images shape them on the host for a model
+    fed ``crop_size`` pixels: ``train`` and ``extra`` (a target domain) store
+    ``train_storage`` squares, ``val`` gets torchvision's eval transform
+    (``HostTransform("eval", ...)``). Sources of fixed-size images are left as
+    they are.
+
+    Returns:
+        Whether ``val``'s images now arrive resized and center-cropped (the eval
+        transform must then only normalise: ``AugmentConfig.eval_prepared``).
+    """
+    storage = train_storage(crop_size, resize_size, interpolation)
+    for source in (train, *extra):
+        if getattr(source, "host_transform", None) is not None:
+            source.host_transform = storage
+    if getattr(val, "host_transform", None) is None:
+        return False
+    val.host_transform = HostTransform("eval", crop_size, resize_size, interpolation)
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -426,14 +549,17 @@ def _load_digits(split: str, seed: int, val_fraction: float) -> ArraySource:
 
 
 def _list_images(folder: str) -> list[str]:
-    """A class folder's images, its subfolders' included (as ImageFolder); hidden
-    files and folders are left out."""
+    """A class folder's images, its subfolders' included, in ImageFolder's order
+    (folders in sorted order, each one's files sorted); hidden files and folders
+    are left out (ImageFolder would read ``._x.jpg`` and ``.ipynb_checkpoints``)."""
     found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(parent, f) for f in files
+    for parent, _, files in sorted(os.walk(folder, followlinks=True)):
+        inside = os.path.relpath(parent, folder)
+        if any(part.startswith(".") for part in inside.split(os.sep) if part != "."):
+            continue
+        found += [os.path.join(parent, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    return sorted(found)
+    return found
 
 
 def _class_folders(root: str) -> list[str]:
@@ -549,6 +675,9 @@ def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size)
         raise DataError(f"{message}: {_tfds_error(e)}") from e
     label = info.features[label_key]
     shape = info.features[image_key].shape
+    if len(shape) == 3 and shape[2] is not None and shape[2] not in _CHANNELS:
+        raise DataError(f"tfds dataset {parsed.name!r}: feature {image_key!r} has {shape[2]} "
+                        "channels; images need 1 to 4 (gray, gray + alpha, RGB, RGBA)")
     fixed = len(shape) == 3 and None not in shape
     return TfdsSource(
         f"{parsed.name}/{split_spec}",

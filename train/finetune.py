@@ -331,7 +331,21 @@ def evaluate(eval_step, state, source, batch_size: int, num_workers: int, desc: 
     }
 
 
-def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds: float) -> str:
+def _skipped(cfg, train_src, val_src, target_loader) -> list[str] | None:
+    """With --skip-bad, the image files this process could not decode (noted on stderr)."""
+    if not cfg.skip_bad:
+        return None
+    sources = [train_src, val_src] + ([target_loader.source] if target_loader else [])
+    files = sorted(set().union(*(getattr(s, "bad_files", set()) for s in sources)))
+    if files:
+        print(f"note: --skip-bad skipped {len(files)} image file(s) that cannot be decoded "
+              f"(listed in summary.json): {files[0]}" + (" ..." if len(files) > 1 else ""),
+              file=sys.stderr)
+    return files
+
+
+def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds: float,
+            skipped: list[str] | None = None) -> str:
     from train import metrics as metrics_lib
 
     cm = metrics_lib.confusion_matrix(result["labels"], result["preds"], source.num_classes)
@@ -343,6 +357,8 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
     summary = {"step": step, "val_top1": result["top1"], "val_top5": result["top5"],
                "val_loss": result["loss"], "val_count": result["count"],
                "seconds": round(seconds, 1)}
+    if skipped is not None:  # --skip-bad: the files this process could not decode
+        summary["skipped_files"] = skipped
     tmp = os.path.join(run_dir, "summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
@@ -483,7 +499,7 @@ def run(cfg) -> int:
     from train import config as config_lib
     from train import distributed
     from train import optim, steps as steps_lib
-    from train.data import Loader, load_dataset
+    from train.data import Loader, load_dataset, set_host_transforms
     from train.metrics import MetricsLog
 
     started = time.time()
@@ -506,9 +522,14 @@ def run(cfg) -> int:
         raise RunError(f"--arch {cfg.arch} is a {spec.kind} model; finetune trains image "
                        "classifiers")
     pcount, pindex = jax.process_count(), jax.process_index()
-    load = dict(data_dir=cfg.data_dir, seed=cfg.seed, val_fraction=cfg.val_fraction)
+    load = dict(data_dir=cfg.data_dir, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                skip_bad=cfg.skip_bad)
     train_src = load_dataset(cfg.dataset, split="train", **load)
     val_src = load_dataset(cfg.dataset, split="val", **load)
+    if not len(val_src):
+        raise RunError(f"--dataset {cfg.dataset}: its validation split {val_src.name} holds no "
+                       "images (a class of one image keeps it for training); give more "
+                       "images, a val/ folder or a larger --val-fraction")
     num_classes = train_src.num_classes
     if num_classes < 2:
         raise RunError(f"--dataset {cfg.dataset} has {num_classes} class; a classifier needs "
@@ -579,6 +600,10 @@ def run(cfg) -> int:
         target_loader = Loader(target_src, cfg.batch_size, shuffle=True, seed=cfg.seed + 1,
                                drop_remainder=True, process_index=pindex, process_count=pcount,
                                num_workers=cfg.num_workers)
+    # Images of varying size are shaped on the host: evaluation ones as torchvision would.
+    eval_prepared = set_host_transforms(
+        train_src, val_src, crop_size=cfg.image_size, resize_size=cfg.resize_size,
+        interpolation=cfg.interpolation, extra=[target_loader.source] if target_loader else [])
 
     os.makedirs(run_dir, exist_ok=True)
     if cfg.eval_only:  # the parameters and statistics alone: any training flags will do
@@ -620,15 +645,17 @@ def run(cfg) -> int:
         f"{pcount} process(es)", file=sys.stderr)
 
     aug = augment_config(cfg, spec, train=True)
-    eval_step = steps_lib.make_eval_step(parts, augment=aug, num_classes=num_classes, mesh=mesh,
-                                         precision=cfg.precision)
+    eval_aug = dataclasses.replace(aug, eval_prepared=eval_prepared)
+    eval_step = steps_lib.make_eval_step(parts, augment=eval_aug, num_classes=num_classes,
+                                         mesh=mesh, precision=cfg.precision)
     eval_bs = cfg.eval_batch_size
 
     if cfg.eval_only or cfg.steps == 0:
         result = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
                           progress=cfg.progress, mesh=mesh)
         if main:
-            print(_finish(run_dir, result, val_src, None, start_step, time.time() - started))
+            print(_finish(run_dir, result, val_src, None, start_step, time.time() - started,
+                          _skipped(cfg, train_src, val_src, target_loader)))
         if checkpointer is not None:
             checkpointer.close()
         return 0
@@ -694,8 +721,12 @@ def run(cfg) -> int:
                     t_window, images_window = time.time(), 0
                 epoch_end = step % spe == 0 or step == total
                 if epoch_end:
-                    res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
-                                   progress=cfg.progress, mesh=mesh)
+                    try:
+                        res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
+                                       progress=cfg.progress, mesh=mesh)
+                    except Exception:  # an unreadable val image: the epoch's training is kept
+                        checkpointer.save(step, state, meta(step))
+                        raise
                     if metrics_log is not None:
                         metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
                                         top5=res["top5"], epoch=math.ceil(step / spe))
@@ -735,7 +766,8 @@ def run(cfg) -> int:
         result = result[1] if result else evaluate(
             eval_step, state, val_src, eval_bs, cfg.num_workers, progress=cfg.progress, mesh=mesh)
         if main:
-            print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started))
+            print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started,
+                          _skipped(cfg, train_src, val_src, target_loader)))
     if metrics_log is not None:
         metrics_log.close()
     checkpointer.close()
