@@ -728,3 +728,35 @@ def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path
     assert finetune.main(args + ["--output-dir", str(tmp_path / "flat_run")]) == 2
     assert "its validation split flat/val holds no images" in capsys.readouterr().err
     assert not (tmp_path / "flat_run").exists()
+
+
+def test_sgd_flags_torch_refuses_and_adamw_ignores(tmp_path, capsys):
+    """--nesterov without momentum (torch.optim.SGD refuses it) or with AdamW and
+    --clip-grad-norm 0 are one line; AdamW runs are not told apart by SGD's momentum;
+    weight decay switched on or off on resume is named; the logs carry lr and ce."""
+    base = ["--arch", "mlp", "--dataset", "digits", "--weights", "none", "--image-size", "8",
+            "--batch-size", "32", "--log-every", "1", "--no-progress"]
+    for extra, needle in ((["--nesterov", "--momentum", "0"], "--nesterov needs --momentum > 0"),
+                          (["--nesterov", "--optimizer", "adamw"], "--nesterov is SGD's"),
+                          (["--clip-grad-norm", "0"], "must be a finite number > 0")):
+        try:
+            code = finetune.main(base + extra + ["--output-dir", str(tmp_path / "x")])
+        except SystemExit as e:  # a usage error
+            code = e.code
+        assert code == 2 and needle in capsys.readouterr().err
+    run = str(tmp_path / "adamw")
+    args = base + ["--optimizer", "adamw", "--steps", "2", "--warmup-steps", "2",
+                   "--lr", "0.01", "--output-dir", run]
+    assert finetune.main(args) == 0
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["lr"] for r in train] == pytest.approx([0.005, 0.01])
+    assert all(r["ce"] == pytest.approx(r["loss"]) for r in train)  # no aux, no MMD
+    capsys.readouterr()
+    assert finetune.main(args[:-4] + ["--steps", "3", "--momentum", "0.5",
+                                      "--output-dir", run]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "--momentum 0.5 is SGD's: adamw ignores it" in err
+    assert finetune.main(args[:-4] + ["--steps", "4", "--weight-decay", "0",
+                                      "--output-dir", run]) == 2
+    assert "weight_decay: 0.05 there, 0.0 now" in capsys.readouterr().err

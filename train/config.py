@@ -129,6 +129,13 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2 ** 32:
@@ -283,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of each auxiliary classifier's loss (GoogLeNet, Inception v3 "
                         "in training; PyTorch's fine-tuning tutorial uses 0.4); 0 ignores them, "
                         "--model-arg aux_logits=False drops them")
-    g.add_argument("--clip-grad-norm", type=_nonneg_float, default=None,
-                   help="clip the trainable gradients' global norm")
+    g.add_argument("--clip-grad-norm", type=_positive_float, default=None,
+                   help="clip the trainable gradients' global norm to this value (> 0; leave "
+                        "the flag out for no clipping)")
     g.add_argument("--freeze", action="append", type=_regex, default=[], metavar="REGEX",
                    help="freeze parameters whose torch key (layer1.0.conv1.weight) or flax path "
                         "(layer1.0.conv1.kernel) matches (re.search); repeatable")
@@ -387,6 +395,10 @@ def resolve(
     """
     pretrained = transforms is not None
     channels = spec.in_channels
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise ConfigError(f"--nesterov is SGD's; --optimizer {cfg.optimizer} has no Nesterov form")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise ConfigError("--nesterov needs --momentum > 0 (as torch.optim.SGD)")
     lo, hi = spec.min_size[0], spec.input_size[0]
     if spec.kind == "vector":
         # A vector model takes the flattened image: any size, default its input length.
@@ -461,6 +473,9 @@ def doubtful(cfg: Config) -> list[str]:
     if cfg.warmup_steps > cfg.steps and cfg.steps > 0:
         notes.append(f"--warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} "
                      "steps: the learning rate never reaches --lr")
+    if cfg.optimizer == "adamw" and cfg.momentum != 0.9:
+        notes.append(f"--momentum {cfg.momentum} is SGD's: adamw ignores it (its betas are "
+                     "0.9, 0.999)")
     if cfg.resize_size < cfg.image_size:
         notes.append(f"--resize-size {cfg.resize_size} is below --image-size "
                      f"{cfg.image_size}: evaluation's center crop is padded with zeros")

@@ -396,8 +396,14 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
         saved["val_fraction"] = default_val_fraction(saved["dataset"])
     current = json.loads(cfg.to_json())
     fields = config_lib.EVAL_IDENTITY_FIELDS if cfg.eval_only else config_lib.IDENTITY_FIELDS
+    if saved.get("optimizer") == current["optimizer"] == "adamw":  # SGD's flags, unused
+        fields = [f for f in fields if f not in ("momentum", "nesterov")]
     diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
             for k in fields if _same_value(k, saved.get(k)) != _same_value(k, current[k])]
+    decay = saved.get("weight_decay"), current["weight_decay"]
+    if not cfg.eval_only and decay[0] is not None and (decay[0] == 0) != (decay[1] == 0):
+        # A rate may change on resume, but decay on or off shapes the optimizer state.
+        diff.append(f"weight_decay: {decay[0]!r} there, {decay[1]!r} now")
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
                        "--output-dir")
@@ -584,6 +590,8 @@ def run(cfg) -> int:
     if len(groups.frozen) == len(groups.labels) and not (cfg.eval_only or cfg.steps == 0):
         raise RunError(f"--freeze {' '.join(cfg.freeze)} freezes every parameter of "
                        f"{cfg.arch}: nothing would train")
+    # The base rate of each step (before --lr-mult), for the logs.
+    schedule = optim.make_schedule(cfg.lr, max(cfg.steps, 1), cfg.warmup_steps, cfg.schedule)
     tx = optim.make_optimizer(params, groups, name=cfg.optimizer, lr=cfg.lr,
                               total_steps=max(cfg.steps, 1), warmup_steps=cfg.warmup_steps,
                               schedule=cfg.schedule, momentum=cfg.momentum,
@@ -677,7 +685,7 @@ def run(cfg) -> int:
                          "dataset": cfg.dataset}
     last_saved = start_step if restored else None
     status, last_eval = 0, None
-    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
+    window = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
     t_window, images_window = time.time(), 0
     step = start_step
     it = iter(train_loader)
@@ -703,6 +711,7 @@ def run(cfg) -> int:
                 step += 1
                 bar.update(1)
                 window["loss"] += loss
+                window["ce"] += float(m["ce"])
                 window["correct"] += float(m["correct"])
                 window["count"] += float(m["count"])
                 window["n"] += 1
@@ -710,6 +719,7 @@ def run(cfg) -> int:
                 if step % cfg.log_every == 0 or step == total:
                     speed = images_window / max(time.time() - t_window, 1e-9)
                     row = {"loss": window["loss"] / window["n"],
+                           "ce": window["ce"] / window["n"], "lr": float(schedule(step - 1)),
                            "top1": window["correct"] / max(window["count"], 1),
                            "images_per_s": speed, "mmd": float(m["mmd"]),
                            "grad_norm": float(m["grad_norm"])}
@@ -717,7 +727,7 @@ def run(cfg) -> int:
                         metrics_log.log("train", step, **row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{100 * row['top1']:.1f}%",
                                     img_s=f"{speed:.0f}")
-                    window = {"loss": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
+                    window = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
                     t_window, images_window = time.time(), 0
                 epoch_end = step % spe == 0 or step == total
                 if epoch_end:
