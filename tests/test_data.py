@@ -460,6 +460,11 @@ def test_folder_takes_imagefolder_extensions_and_nested_files(tmp_path):
     assert sorted(found) == sorted(files + [str(p) for p in extra])
 
 
+def test_folder_spec_without_a_path():
+    with pytest.raises(D.DataError, match=r"^dataset spec 'folder:' names no folder"):
+        D.parse_spec("folder:")
+
+
 def test_folder_order_and_labels_are_imagefolders(tmp_path):
     """Files and class indices in torchvision's ImageFolder order (a class folder's own
     files before its subfolders' files), so predictions' indices mean the same."""

@@ -452,6 +452,8 @@ def parse_spec(spec: str) -> DatasetSpec:
         parts += [None] * (2 - len(parts))
         return DatasetSpec("tfds", name, parts[0], parts[1])
     if spec.startswith("folder:"):
+        if not spec[len("folder:") :].strip():
+            raise DataError("dataset spec 'folder:' names no folder: give folder:PATH")
         return DatasetSpec("folder", spec[len("folder:") :])
     if os.sep in spec or spec.startswith((".", "~")) or os.path.isdir(spec):
         return DatasetSpec("folder", spec)
