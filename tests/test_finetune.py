@@ -219,6 +219,28 @@ def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
         assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(out)]) == 2
         assert f"--output-dir {out}: {needle}" in _one_error_line(capsys)
     assert f.read_text() == "keep"
+    # An existing folder it may not write in (os.access mocked: root may write anywhere).
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "access", lambda p, mode: (real_access(p, mode)
+                                                  and os.fspath(p) != str(locked)))
+        assert finetune.main(LENET + ["--steps", "1", "--output-dir", str(locked)]) == 2
+    assert f"--output-dir {locked}: no permission to write in it" in _one_error_line(capsys)
+    assert os.listdir(locked) == []
+
+
+def test_a_line_cut_short_in_metrics_jsonl_is_left_out_on_resume(tmp_path):
+    from train.metrics import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 2.0}\n'
+                                            '{"split": "tr')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: line 2 is damaged and left out"):
+        log = MetricsLog(str(tmp_path), resume_step=1, tensorboard=False)
+    log.log("train", 2, loss=1.0)
+    log.close()
+    assert [r["step"] for r in log.records()] == [1, 2]
 
 
 @pytest.mark.parametrize("flag, value, needle", [

@@ -157,3 +157,60 @@ def test_ctrl_c_saves_the_model_so_far_and_exits_130(tmp_path, capsys, monkeypat
     assert seq2seq.main(["--steps", "1", "--out", str(other), *TINY]) == 2
     assert "holds other files and no seq2seq run" in capsys.readouterr().err
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_a_save_stopped_midway_leaves_the_earlier_run(tmp_path, capsys, monkeypatch):
+    """The new run is written beside the old one and replaces it only once whole: a
+    save killed (here: a second Ctrl-C) inside Orbax keeps the earlier model loadable;
+    a Ctrl-C during the last evaluation still saves."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "run"
+    assert seq2seq.main(["--steps", "2", "--out", str(out), *TINY]) == 0
+    before, first = seq2seq.load_checkpoint(str(out))
+    real_save = ocp.StandardCheckpointer.save
+
+    def interrupted(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted)
+    assert seq2seq.main(["--steps", "3", "--d-model", "48", "--out", str(out),
+                         *TINY[2:]]) == 130
+    assert "interrupted twice" in capsys.readouterr().err
+    model, config = seq2seq.load_checkpoint(str(out))
+    assert config == first and sorted(p.name for p in out.iterdir()) == ["checkpoint",
+                                                                          "config.json"]
+    monkeypatch.undo()
+    import os
+    import signal
+
+    real_eval = seq2seq.exact_match
+    monkeypatch.setattr(seq2seq, "exact_match", lambda *a: (os.kill(os.getpid(), signal.SIGINT),
+                                                            real_eval(*a))[1])
+    assert seq2seq.main(["--steps", "3", "--d-model", "48", "--out", str(out),
+                         *TINY[2:]]) == 0
+    assert seq2seq.load_checkpoint(str(out))[1].d_model == 48
+
+
+def test_finetune_and_seq2seq_keep_out_of_each_others_runs(tmp_path, capsys):
+    from train import finetune
+
+    s2s = tmp_path / "s2s"
+    assert seq2seq.main(["--steps", "1", "--out", str(s2s), *TINY]) == 0
+    capsys.readouterr()
+    assert finetune.main(["--arch", "mlp", "--dataset", "digits", "--weights", "none",
+                          "--image-size", "8", "--steps", "1", "--no-progress",
+                          "--output-dir", str(s2s)]) == 2
+    assert "holds a train.seq2seq run, not a train.finetune run" in capsys.readouterr().err
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "config.json").write_text('{"arch": "mlp", "dataset": "digits"}')
+    assert seq2seq.main(["--steps", "1", "--out", str(ft), *TINY]) == 2
+    assert "holds another program's run" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="config.json is another program's"):
+        seq2seq.load_checkpoint(str(ft))
+    (ft / "config.json").write_text('{"arch": "ml')
+    assert finetune.main(["--arch", "mlp", "--dataset", "digits", "--weights", "none",
+                          "--output-dir", str(ft), "--no-progress"]) == 2
+    assert "config.json is damaged (" in capsys.readouterr().err

@@ -503,6 +503,8 @@ def check_output_dir(path: str, flag: str) -> None:
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise ConfigError(f"{flag} {path}: a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: no permission to write in it")
         return
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
@@ -527,6 +529,18 @@ def save(cfg: Config, path: str) -> None:
 
 
 def load(path: str) -> dict[str, Any]:
-    """Reads a saved config as a plain dict (JSON lists where tuples were)."""
+    """Reads a saved config as a plain dict (JSON lists where tuples were).
+
+    Raises:
+        ConfigError: The file is not a JSON object (damaged), naming it.
+    """
     with open(path) as f:
-        return json.load(f)
+        try:
+            saved = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is damaged ({e}); move it aside or pass another "
+                              "folder") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is damaged (not a JSON object); move it aside or pass "
+                          "another folder")
+    return saved

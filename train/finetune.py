@@ -384,12 +384,16 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
             raise RunError(f"--output-dir {run_dir} holds other files and no run (no "
                            "config.json); pass a new or empty folder")
         return False, []
+    saved = config_lib.load(path)
+    if "arch" not in saved:
+        other = "a train.seq2seq run" if "task" in saved else "another program's config.json"
+        raise RunError(f"--output-dir {run_dir} holds {other}, not a train.finetune run; "
+                       "pass another folder")
     if not _has_steps(run_dir) and not {"metrics.jsonl", "tb"} & set(os.listdir(run_dir)):
         # An evaluation, or a run stopped by bad input before its first step: nothing to
         # resume and no training record to keep, so no flags to hold a new run to. (A run
         # killed before its first checkpoint keeps its metrics: it is still refused.)
         return False, []
-    saved = config_lib.load(path)
     if saved.get("val_fraction") is None and "dataset" in saved:  # runs before it was resolved
         from train.data import default_val_fraction
 
@@ -760,8 +764,9 @@ def run(cfg) -> int:
         bar.close()
         where = (f"the last good checkpoint (step {last_saved}) is kept"
                  if last_saved is not None else "no checkpoint was written")
-        distributed.print0(f"error: {e}; stopping ({where} in {run_dir}). Lower --lr or set "
-                           "--clip-grad-norm.", file=sys.stderr)
+        distributed.print0(f"error: {e}; stopping ({where} in {run_dir}). Rerun with a lower "
+                           "--lr to resume from it, or start again in another --output-dir "
+                           "with --clip-grad-norm.", file=sys.stderr)
         if metrics_log is not None:
             metrics_log.close()
         checkpointer.close()

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -70,8 +71,18 @@ class MetricsLog:
         """Every record in the file, in order."""
         if not os.path.exists(self.path):
             return []
+        records = []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    # A line cut short (a full disk, a power loss): the rest is kept.
+                    warnings.warn(f"{self.path}: line {number} is damaged and left out",
+                                  stacklevel=2)
+        return records
 
     def close(self) -> None:
         """Closes the files."""

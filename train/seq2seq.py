@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -355,8 +358,6 @@ def train(config: Config) -> Result:
     Returns:
       The ``Result``.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     model, optimizer = build(config)
     graphdef, state = nnx.split((model, optimizer))
@@ -385,12 +386,29 @@ def train(config: Config) -> Result:
         preds = np.asarray(predict(model_state, eval_set["src"]))
         return float(exact_match(preds, eval_set["tgt_out"]).mean())
 
+    with Interrupt() as interrupt:  # also over the last evaluation and the save
+        state, history, loss, acc, stopped_at = _train_loop(
+            config, state, train_step, evaluate, interrupt)
+        accuracy = float("nan")
+        if stopped_at is None:
+            accuracy = evaluate(state)
+            history.append((config.steps, accuracy))
+        nnx.update((model, optimizer), state)
+        path = save_checkpoint(model, config) if config.out else None
+    return Result(accuracy, acc, loss, time.perf_counter() - start, path, history, stopped_at)
+
+
+def _train_loop(config, state, train_step, evaluate, interrupt):
+    """The optimisation steps; returns (state, history, loss, token accuracy, the step
+    a Ctrl-C stopped at or None)."""
+    from tqdm.auto import tqdm
+
     rng = np.random.default_rng([config.seed, 0])
     history = []
     loss = acc = float("nan")
     stopped_at = None
     with tqdm(range(1, config.steps + 1), desc=f"seq2seq {config.task}",
-              disable=not config.progress, dynamic_ncols=True) as bar, Interrupt() as interrupt:
+              disable=not config.progress, dynamic_ncols=True) as bar:
         for step in bar:
             batch = make_batch(rng, config, config.batch_size, held_out=False)
             state, loss_d, acc_d = train_step(state, batch)
@@ -403,13 +421,7 @@ def train(config: Config) -> Result:
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 history.append((step, evaluate(state)))
                 bar.write(f"step {step}: held-out exact-sequence accuracy {history[-1][1]:.4f}")
-    accuracy = float("nan")
-    if stopped_at is None:
-        accuracy = evaluate(state)
-        history.append((config.steps, accuracy))
-    nnx.update((model, optimizer), state)
-    path = save_checkpoint(model, config) if config.out else None
-    return Result(accuracy, acc, loss, time.perf_counter() - start, path, history, stopped_at)
+    return state, history, loss, acc, stopped_at
 
 
 def save_checkpoint(model: Seq2SeqTransformer, config: Config) -> str:
@@ -426,12 +438,28 @@ def save_checkpoint(model: Seq2SeqTransformer, config: Config) -> str:
 
     out = os.path.abspath(config.out)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
     path = os.path.join(out, "checkpoint")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, nnx.to_pure_dict(nnx.state(model, nnx.Param)), force=True)
-        ckptr.wait_until_finished()
+    previous = os.path.join(out, ".previous-checkpoint")
+    for stale in glob.glob(os.path.join(out, ".saving-*")):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    # The new run is written whole beside the old one, which is replaced only then
+    # (renames): a save killed midway leaves the earlier run as it was.
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=out)
+    try:
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(staging, "checkpoint"),
+                       nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            ckptr.wait_until_finished()
+        shutil.rmtree(previous, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, previous)
+        os.rename(os.path.join(staging, "checkpoint"), path)
+        os.replace(os.path.join(staging, "config.json"), os.path.join(out, "config.json"))
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -454,7 +482,14 @@ def load_checkpoint(run_dir: str) -> tuple[Seq2SeqTransformer, Config]:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{run_dir} holds no seq2seq run (no config.json)")
     with open(cfg_path) as f:
-        config = Config(**json.load(f))
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is damaged: {e}") from None
+    if not isinstance(saved, dict) or "task" not in saved:
+        raise FileNotFoundError(f"{run_dir} holds no seq2seq run (its config.json is "
+                                "another program's)")
+    config = Config(**saved)
     model = Seq2SeqTransformer(config, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -533,6 +568,11 @@ def _check_out(out: str) -> None:
     if not os.path.isfile(os.path.join(out, "config.json")):
         raise ConfigError(f"--out {out} holds other files and no seq2seq run (no config.json); "
                           "pass a new or empty folder")
+    from train.config import load
+
+    if "task" not in load(os.path.join(out, "config.json")):
+        raise ConfigError(f"--out {out} holds another program's run (a train.finetune run?), "
+                          "not a seq2seq run; pass a new or empty folder")
     print(f"note: the run in {out} is replaced at the end", file=sys.stderr)
 
 
@@ -568,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, an earlier run left as it was
+        print("interrupted twice: stopped at once, nothing saved", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.stopped_at is not None:
         saved = (f"the model so far saved in {result.checkpoint}" if result.checkpoint
                  else "nothing saved (no --out)")
