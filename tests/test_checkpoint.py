@@ -100,3 +100,46 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         ck.restore(_state())
     assert sorted(os.listdir(tmp_path / "ck")) == ["10", "20", "20.unreadable"]
+
+
+def test_a_write_that_fails_is_one_error_and_its_noise_is_held_back(tmp_path, capsys, caplog):
+    """A full disk: Orbax's writer threads log and print the failure many times; the save
+    raises one CheckpointWriteError (finetune: one line, exit 74) and the earlier
+    checkpoints stay; a save that succeeds lets its output through."""
+    from train.checkpoint import CheckpointWriteError
+
+    ck = Checkpointer(str(tmp_path / "ck"), keep=2)
+    ck.save(1, _state(), {"epoch": 0})
+    real_save = ck.manager.save
+
+    def noise():
+        logging.getLogger("absl").error("writer thread raised: RESOURCE_EXHAUSTED")
+        print("Traceback (most recent call last): RuntimeError: Event loop is closed",
+              file=sys.stderr)
+
+    def chatty(*args, **kwargs):
+        noise()
+        return real_save(*args, **kwargs)
+
+    def full(*args, **kwargs):
+        noise()
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"x\": Failed to write 24350 bytes "
+                         "to file 19: No space left on device [os_error_code='28']")
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # as finetune's logging.basicConfig
+    root.addHandler(handler)
+    try:
+        ck.manager.save = full
+        with pytest.raises(CheckpointWriteError, match=r"cannot write the checkpoint of step 2 "
+                           r"in .*: no space left on the device \(the earlier checkpoints"):
+            ck.save(2, _state(), {"epoch": 0})
+        assert capsys.readouterr().err == ""
+        ck.manager.save = chatty
+        ck.save(3, _state(), {"epoch": 0})
+        err = capsys.readouterr().err
+        assert "Event loop is closed" in err and "writer thread raised" in err
+    finally:
+        root.removeHandler(handler)
+    assert ck.steps() == [1, 3]
+    ck.close()

@@ -331,10 +331,50 @@ def test_bad_arguments_are_named():
         dist.initialize("127.0.0.1:1234")
     with pytest.raises(ValueError, match=r"not in \[0, 2\)"):
         dist.initialize("127.0.0.1:1234", 2, 2)
-    with pytest.raises(ValueError, match="host:port"):
+    with pytest.raises(ValueError, match="HOST:PORT"):
         dist.initialize("localhost", 2, 0)
     with pytest.raises(ValueError, match="without a coordinator"):
         dist.initialize(None, 2, 1)
+
+
+def test_coordinator_addresses_are_checked_before_jax_waits_on_them(monkeypatch, tmp_path, capsys):
+    """A malformed or unresolvable address would be waited on for the whole
+    initialisation timeout; a port already served fails process 0 with a traceback or a
+    crash inside JAX. Each is one ValueError (finetune: one line, exit 2) instead."""
+    import socket
+
+    from train import distributed as dist
+    from train import finetune
+
+    for bad in ("http://h:12", "h:70000", "h:0", ":123", "h:"):
+        with pytest.raises(ValueError, match="must be HOST:PORT with a port in 1..65535"):
+            dist.check_coordinator(bad, 0)
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "nosuchhost.invalid":
+            raise socket.gaierror(-2, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with pytest.raises(ValueError, match=r"host 'nosuchhost.invalid' cannot be resolved "
+                                         r"\(Name or service not known\)"):
+        dist.check_coordinator("nosuchhost.invalid:1234", 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"coordinator port {port} cannot be served here"):
+            dist.check_coordinator(f"127.0.0.1:{port}", 0)
+        dist.check_coordinator(f"127.0.0.1:{port}", 1)  # another process only connects
+        dist.check_coordinator(f"[::1]:{port}", 1)
+        assert finetune.main(["--arch", "mlp", "--dataset", "digits", "--weights", "none",
+                              "--steps", "1", "--no-progress", "--output-dir",
+                              str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", "2", "--process-id", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --coordinator: coordinator port") and "\n" not in err
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":

@@ -383,6 +383,42 @@ def test_cli_on_two_processes_matches_one_process_with_two_devices(tmp_path):
         np.testing.assert_allclose(params_m[k], params_s[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path):
+    """kill -9 of process 1 mid-run: process 0 says so in one line and exits 3 within
+    seconds (JAX's shutdown would wait out the heartbeat timeout, then abort), keeping
+    the checkpoints written."""
+    import time
+
+    out = str(tmp_path / "run")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "train.finetune", *LENET, "--steps", "5000", "--batch-size", "32",
+         "--checkpoint-every", "10", "--output-dir", out, "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    try:
+        checkpoints = os.path.join(out, "checkpoints")
+        deadline = time.time() + 300
+        while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+            assert time.time() < deadline and procs[0].poll() is None, "no checkpoint written"
+            time.sleep(0.2)
+        procs[1].kill()
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=120)
+        waited = time.time() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 3, err[-3000:]
+    assert waited < 30, waited
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "a process of the job failed or was lost" in ours[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert any(n.isdigit() for n in os.listdir(checkpoints))
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--coordinator", "localhost:1234"], "--coordinator needs --num-processes, --process-id"),
     (["--num-processes", "2", "--process-id", "0"], "--num-processes, --process-id needs "

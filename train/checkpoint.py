@@ -26,6 +26,7 @@ the first restore on.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import numbers
@@ -38,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxnets.cli import one_line
 from train.quiet import absl_errors_only
 
 __all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC",
@@ -51,6 +53,46 @@ UNREADABLE_SUFFIX = ".unreadable"
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a run directory could be restored."""
+
+
+class _HeldOutput:
+    """Holds back stderr and log records while a checkpoint is written; ``replay()``
+    lets them out (a failed write's many copies of its error are dropped instead)."""
+
+    def __init__(self):
+        self.records: list[logging.LogRecord] = []
+        self.text = io.StringIO()
+        self._handlers: list[logging.Handler] = []
+        self._stderr = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def __enter__(self):
+        self._handlers = list(logging.getLogger().handlers)
+        for handler in self._handlers:
+            handler.addFilter(self)
+        self._stderr, sys.stderr = sys.stderr, self.text
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr = self._stderr
+        for handler in self._handlers:
+            handler.removeFilter(self)
+
+    def replay(self) -> None:
+        """Writes what was held back (once)."""
+        if self.text.getvalue():
+            sys.stderr.write(self.text.getvalue())
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.text, self.records = io.StringIO(), []
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a lost mount); the earlier
+    checkpoints are as they were."""
 
 
 class CheckpointStructureError(CheckpointError):
@@ -162,14 +204,34 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return
         metrics = None if val_top1 is None else {BEST_METRIC: float(val_top1)}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        held = _HeldOutput()
+        try:
+            with held:
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)),
+                    metrics=metrics,
+                    force=True,
+                )
+                self.manager.wait_until_finished()
+        except (OSError, ValueError) as e:  # tensorstore reports write failures as ValueError
+            text = str(e)
+            if not isinstance(e, OSError) and not any(
+                    w in text for w in ("RESOURCE_EXHAUSTED", "Failed writing", "os_error")):
+                held.replay()
+                raise
+            # Orbax's writer threads logged this failure many times over: it is said once.
+            reason = ("no space left on the device" if "No space left" in text or
+                      getattr(e, "errno", None) == 28 else one_line(text, 200))
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} in {self.directory}: {reason} "
+                "(the earlier checkpoints are kept; rerun the same command to resume once "
+                "there is room)") from e
+        except BaseException:
+            held.replay()
+            raise
+        held.replay()
 
     def best_step(self) -> int | None:
         """The step of the best checkpoint by validation top-1, if any has the metric."""

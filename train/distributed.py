@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import socket
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -138,8 +139,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ValueError("a coordinator address needs num_processes and process_id too")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
-        if ":" not in coordinator:
-            raise ValueError(f"coordinator must be host:port, got {coordinator!r}")
+        check_coordinator(coordinator, process_id)
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=num_processes, process_id=process_id,
                                    **timeouts)
@@ -152,6 +152,37 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(**timeouts)
         return True
     return False
+
+
+def check_coordinator(address: str, process_id: int) -> None:
+    """Checks a coordinator address before JAX is given it: JAX waits out its whole
+    initialisation timeout on a host it cannot resolve or a malformed address, and
+    process 0 fails with a traceback (or crashes) when its port is taken.
+
+    Raises:
+      ValueError: naming what is wrong with ``address``.
+    """
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in host:
+        raise ValueError(f"coordinator must be HOST:PORT with a port in 1..65535, got {address!r}")
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"coordinator host {name!r} cannot be resolved "
+                         f"({getattr(e, 'strerror', None) or e})") from None
+    if process_id != 0:
+        return
+    # Process 0 serves the coordination service on every address ([::]:PORT, JAX's
+    # default); a port in TIME_WAIT is fine (SO_REUSEADDR), a listening one is not.
+    family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("::" if family == socket.AF_INET6 else "", int(port)))
+        except OSError as e:
+            raise ValueError(f"coordinator port {port} cannot be served here (process 0 "
+                             f"runs the coordination service): {e.strerror}") from None
 
 
 def make_mesh(axis_name: str = DATA_AXIS, devices: list | None = None) -> Mesh:

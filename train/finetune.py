@@ -44,6 +44,8 @@ log = logging.getLogger("train.finetune")
 
 EXIT_BAD_INPUT = 2
 EXIT_NAN = 1
+EXIT_PEER_LOST = 3  # a process of a multi-process job failed or was lost
+EXIT_WRITE = 74  # a checkpoint could not be written (sysexits' EX_IOERR)
 
 
 class RunError(Exception):
@@ -817,15 +819,43 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_lib.parse_args(argv)
     user_errors = _user_errors()
+    import jax
+
+    from jaxnets.cli import one_line
+    from train.checkpoint import CheckpointWriteError
+
     try:
         status = run(cfg)
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE
     except user_errors as e:
         message = " ".join(str(e).split("\n")[0:1]) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 -- a lost peer surfaces as any of several kinds
+        if jax.process_count() == 1 or not _peer_lost(e):
+            raise
+        # A collective with a dead peer fails at once (Gloo: "Connection closed by peer").
+        print(f"error: process {jax.process_index()}: a process of the job failed or was "
+              f"lost ({one_line(e, 300)}); the checkpoints written are kept: start every "
+              "process again with the same command to resume", file=sys.stderr)
+        return EXIT_PEER_LOST
     if status == 0:
         _report_compile_cache()
     return status
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """Whether an error of a multi-process run says another process is gone: a failed
+    collective (``JaxRuntimeError``, or the ``ValueError`` of Orbax's barrier) or the
+    coordination service's report."""
+    import jax
+
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) or any(
+        w in text for w in ("Gloo", "Connection closed by peer", "heartbeat",
+                            "coordination service"))
 
 
 def _report_compile_cache() -> None:
@@ -856,5 +886,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _exit(status: int) -> None:
+    """Exits with ``status``; after a lost peer or a failed checkpoint write at once, as
+    JAX's distributed shutdown would wait for the lost peer and Orbax's writer threads
+    report their own failure again at interpreter exit."""
+    if status in (EXIT_PEER_LOST, EXIT_WRITE):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
