@@ -237,10 +237,15 @@ def test_a_line_cut_short_in_metrics_jsonl_is_left_out_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 2.0}\n'
                                             '{"split": "tr')
     with pytest.warns(UserWarning, match=r"metrics.jsonl: line 2 is damaged and left out"):
-        log = MetricsLog(str(tmp_path), resume_step=1, tensorboard=False)
+        log = MetricsLog(str(tmp_path), resume_step=1)
     log.log("train", 2, loss=1.0)
     log.close()
     assert [r["step"] for r in log.records()] == [1, 2]
+    # TensorBoard is told that the run goes on from step 2 (SessionLog START at step 2:
+    # it drops the earlier files' events from there on, as the JSON log was trimmed).
+    (events,) = [read_events(f) for f in glob.glob(str(tmp_path / "tb" / "events.*"))]
+    start = [e for e in events if b"\x3a\x02\x08\x01" in e]  # session_log (7) {status: START}
+    assert len(start) == 1 and b"\x10\x02" in start[0]  # step 2
 
 
 @pytest.mark.parametrize("flag, value, needle", [
@@ -367,6 +372,18 @@ def test_run_identity_ignores_model_arg_order_and_path_spelling(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert same("weights", "./w.pth") == same("weights", str(tmp_path / "w.pth"))
     assert same("weights", "DEFAULT") == "DEFAULT" != same("weights", "IMAGENET1K_V1")
+
+
+def test_a_resume_note_marks_values_worked_out_anew(tmp_path):
+    from train import config as config_lib
+
+    saved = config_lib.Config(arch="mlp", dataset="digits", steps=70, warmup_steps=7, lr=0.1)
+    config_lib.save(saved, str(tmp_path / "config.json"))
+    (tmp_path / "checkpoints" / "70" / "state").mkdir(parents=True)
+    given = config_lib.Config(arch="mlp", dataset="digits", steps=100, lr=0.1)
+    now = dataclasses.replace(given, warmup_steps=10, val_fraction=0.2)
+    is_run, changed = finetune._check_identity(str(tmp_path), now, given)
+    assert is_run and sorted(changed) == ["steps 70 -> 100", "warmup-steps 7 -> 10 (auto)"]
 
 
 def test_a_resume_with_other_training_flags_says_which(tmp_path, capsys):
@@ -775,10 +792,11 @@ def test_sgd_flags_torch_refuses_and_adamw_ignores(tmp_path, capsys):
     assert [r["lr"] for r in train] == pytest.approx([0.005, 0.01])
     assert all(r["ce"] == pytest.approx(r["loss"]) for r in train)  # no aux, no MMD
     capsys.readouterr()
-    assert finetune.main(args[:-4] + ["--steps", "3", "--momentum", "0.5",
+    assert finetune.main(args[:-4] + ["--steps", "3", "--momentum", "0.5", "--mmd-weight", "2",
                                       "--output-dir", run]) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and "--momentum 0.5 is SGD's: adamw ignores it" in err
+    assert "--mmd-weight 2.0 is for --target-dataset, which is not given" in err
     assert finetune.main(args[:-4] + ["--steps", "4", "--weight-decay", "0",
                                       "--output-dir", run]) == 2
     assert "weight_decay: 0.05 there, 0.0 now" in capsys.readouterr().err

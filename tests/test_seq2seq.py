@@ -91,7 +91,7 @@ def test_config_errors_are_one_line(capsys):
         seq2seq.parse_args(["--min-len", "9", "--max-len", "4"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "min_len" in err and "\n" not in err
+    assert err.startswith("error: ") and "--min-len 9, --max-len 4" in err and "\n" not in err
     assert seq2seq.parse_args(["--task", "sort", "--steps", "7"]) == Config(task="sort", steps=7)
 
 
@@ -167,6 +167,8 @@ def test_a_save_stopped_midway_leaves_the_earlier_run(tmp_path, capsys, monkeypa
 
     out = tmp_path / "run"
     assert seq2seq.main(["--steps", "2", "--out", str(out), *TINY]) == 0
+    assert "note: --warmup-steps 200 is not below the run's 2 steps: the warmup is cut to 1" \
+        in capsys.readouterr().err
     before, first = seq2seq.load_checkpoint(str(out))
     real_save = ocp.StandardCheckpointer.save
 

@@ -282,7 +282,8 @@ class Checkpointer:
                             "one", s, self.directory, first[:300])
                 errors.append((s, first))
         raise CheckpointError(
-            f"no readable checkpoint in {self.directory}: "
+            f"no readable checkpoint in {self.directory} (pass another --output-dir, or "
+            "move that folder aside to start the run again): "
             + "; ".join(f"step {s}: {msg[:200]}" for s, msg in errors))
 
     def _set_aside(self, steps: list[int]) -> list[str]:

@@ -473,6 +473,9 @@ def doubtful(cfg: Config) -> list[str]:
     if cfg.warmup_steps > cfg.steps and cfg.steps > 0:
         notes.append(f"--warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} "
                      "steps: the learning rate never reaches --lr")
+    if cfg.mmd_weight != 1.0 and not cfg.target_dataset:
+        notes.append(f"--mmd-weight {cfg.mmd_weight} is for --target-dataset, which is not "
+                     "given: no MMD term")
     if cfg.optimizer == "adamw" and cfg.momentum != 0.9:
         notes.append(f"--momentum {cfg.momentum} is SGD's: adamw ignores it (its betas are "
                      "0.9, 0.999)")

@@ -374,10 +374,11 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
 # The run.
 
 
-def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
+def _check_identity(run_dir: str, cfg, given=None) -> tuple[bool, list[str]]:
     """Refuses to resume (or, with ``--eval-only``, to evaluate) a run directory made
     by a different run. Returns whether the directory holds a run to keep, and the
-    other flags that differ from its config (``lr: 0.1 -> 0.05``)."""
+    other flags that differ from its config (``lr 0.1 -> 0.05``; ``(auto)`` marks a
+    value worked out anew, not given: ``given`` is the config before resolving)."""
     from train import config as config_lib
 
     path = os.path.join(run_dir, "config.json")
@@ -415,6 +416,7 @@ def _check_identity(run_dir: str, cfg) -> tuple[bool, list[str]]:
                        "--output-dir")
     skip = (*config_lib.IDENTITY_FIELDS, *config_lib.RUNTIME_FIELDS)
     changed = [f"{k.replace('_', '-')} {_flag_value(saved.get(k))} -> {_flag_value(v)}"
+               + (" (auto)" if given is not None and getattr(given, k, 0) is None else "")
                for k, v in current.items() if k not in skip and k in saved and saved[k] != v]
     return True, changed
 
@@ -565,7 +567,7 @@ def run(cfg) -> int:
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
-    is_run, changed = _check_identity(run_dir, cfg)
+    is_run, changed = _check_identity(run_dir, cfg, given)
     if cfg.eval_only and is_run:
         cfg, changed = _run_preprocessing(run_dir, given, cfg)
         if changed:  # given on the command line: used, but not silently

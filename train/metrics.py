@@ -51,7 +51,8 @@ class MetricsLog:
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         self._file = open(self.path, "a")
-        self.tb = TensorBoardWriter(os.path.join(directory, "tb")) if tensorboard else None
+        self.tb = (TensorBoardWriter(os.path.join(directory, "tb"), resume_step)
+                   if tensorboard else None)
 
     def log(self, split: str, step: int, **values: float) -> None:
         """Appends one record.
@@ -147,12 +148,16 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
 
 
 def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           scalars: Mapping[str, float] | None = None) -> bytes:
-    # Event: 1 wall_time (double), 2 step (int64), 3 file_version, 5 summary.
-    # Summary: 1 repeated Value; Value: 1 tag, 2 simple_value (float).
+           scalars: Mapping[str, float] | None = None, session_start: bool = False) -> bytes:
+    # Event: 1 wall_time (double), 2 step (int64), 3 file_version, 5 summary,
+    # 7 session_log (event.proto). Summary: 1 repeated Value; Value: 1 tag, 2 simple_value
+    # (float).
+    # SessionLog: 1 status (START = 1).
     msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step)))
     if file_version is not None:
         msg += _length_delimited(3, file_version.encode())
+    if session_start:
+        msg += _length_delimited(7, _field(1, 0, _varint(1)))
     if scalars:
         values = b"".join(
             _length_delimited(1, _length_delimited(1, tag.encode())
@@ -167,14 +172,19 @@ class TensorBoardWriter:
 
     Args:
         directory: Log directory (created).
+        resume_step: The step a resumed run goes on from: a ``SessionLog.START``
+            event at the next step makes TensorBoard drop what the earlier
+            files hold past it (steps a killed run logged after its checkpoint).
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, resume_step: int | None = None):
         os.makedirs(directory, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(directory, name)
         self._file = open(self.path, "ab")
         self._write(_event(time.time(), 0, file_version="brain.Event:2"))
+        if resume_step is not None:
+            self._write(_event(time.time(), resume_step + 1, session_start=True))
 
     def _write(self, record: bytes) -> None:
         header = struct.pack("<Q", len(record))

@@ -112,14 +112,15 @@ class Config:
         for name in ("steps", "batch_size", "d_model", "nhead", "num_encoder_layers",
                      "num_decoder_layers", "dim_feedforward", "eval_size"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got "
+                                f"{getattr(self, name)}")
         if not 2 <= self.min_len <= self.max_len <= MAX_SUPPORTED_LEN:
-            problems.append(f"need 2 <= min_len <= max_len <= {MAX_SUPPORTED_LEN}, got "
-                            f"min_len={self.min_len}, max_len={self.max_len}")
+            problems.append(f"need 2 <= --min-len <= --max-len <= {MAX_SUPPORTED_LEN}, got "
+                            f"--min-len {self.min_len}, --max-len {self.max_len}")
         if self.nhead >= 1 and self.d_model % self.nhead:
-            problems.append(f"d_model {self.d_model} is not divisible by nhead {self.nhead}")
+            problems.append(f"--d-model {self.d_model} is not divisible by --nhead {self.nhead}")
         if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"--lr must be a finite number > 0, got {self.lr}")
         for name in ("weight_decay", "warmup_steps", "eval_every"):
@@ -589,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     config = parse_args(argv)
+    if config.warmup_steps >= config.steps:
+        print(f"note: --warmup-steps {config.warmup_steps} is not below the run's "
+              f"{config.steps} steps: the warmup is cut to {config.steps - 1}", file=sys.stderr)
     try:  # before the first compilation
         compile_cache.enable(config.compile_cache)
     except compile_cache.CompileCacheError as e:
