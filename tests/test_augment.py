@@ -217,6 +217,31 @@ def test_random_resized_crop_keys_and_per_example():
     assert len({np.asarray(x).tobytes() for x in a}) == 6
 
 
+@pytest.mark.parametrize("antialias", [True, False])
+def test_crops_of_padded_images_are_the_images_own(antialias):
+    """With each image's extent, boxes and crops of zero-padded images are those of the
+    images themselves (same key, same draws): the padding is never sampled or read. The
+    fallback of a tall image is torchvision's."""
+    rng = np.random.default_rng(5)
+    fn = jax.jit(A.random_resized_crop, static_argnums=2, static_argnames="antialias")
+    for height, width in ((30, 40), (40, 22), (17, 48)):
+        image = rng.integers(0, 256, (8, height, width, 3), dtype=np.uint8)
+        padded = np.zeros((8, 48, 48, 3), np.uint8)
+        padded[:, :height, :width] = image
+        extent = jnp.broadcast_to(jnp.array([height, width]), (8, 2))
+        own = fn(jax.random.key(7), jnp.asarray(image), 12, antialias=antialias)
+        got = fn(jax.random.key(7), jnp.asarray(padded), 12, antialias=antialias, extent=extent)
+        np.testing.assert_allclose(got, own, rtol=0, atol=1e-6)
+    boxes = A.sample_crop_boxes(jax.random.key(3), 4, 48, 48, scale=(2.0, 3.0),
+                                extent=jnp.array([[40, 10]] * 4))
+    tv = T.RandomResizedCrop(10, scale=(2.0, 3.0)).make_params([torch.zeros(3, 40, 10)])
+    assert (np.asarray(boxes) == (tv["top"], tv["left"], tv["height"], tv["width"])).all()
+    mixed = np.array([[48, 48], [20, 48], [48, 9], [1, 1]])
+    boxes = np.asarray(A.sample_crop_boxes(jax.random.key(4), 4, 48, 48, extent=mixed))
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] >= 1).all()
+    assert (boxes[:, :2] + boxes[:, 2:] <= mixed).all()
+
+
 def test_flip_rate_and_content():
     n, p = 4000, 0.3
     imgs = jnp.broadcast_to(jnp.arange(4.0)[None, None, :, None], (n, 1, 4, 1))

@@ -541,11 +541,20 @@ def test_finetune_sets_storage_and_eval_transforms_of_variable_size_sources(tmp_
     val = D.load_dataset(str(tmp_path / "ds"), split="val")
     assert D.set_host_transforms(train, val, crop_size=299, resize_size=342,
                                  interpolation="bicubic")
-    assert train.host_transform == D.HostTransform("square", 342, interpolation="bicubic")
+    assert train.host_transform == D.HostTransform("fit", 456, interpolation="bicubic")
     assert val.host_transform == D.HostTransform("eval", 299, 342, "bicubic")
-    assert train[0][0].shape == (342, 342, 3) and val[0][0].shape == (299, 299, 3)
+    assert train[0][0].shape == (456, 456, 3) and val[0][0].shape == (299, 299, 3)
     D.set_host_transforms(train, val, crop_size=32, resize_size=32, interpolation="bilinear")
-    assert train.host_transform.size == 256
+    assert train.host_transform.size == 342  # 4/3 of 256: a 4:3 image keeps 256 rows
+    batch = D.Loader(train, 4, shuffle=False).batch(0)
+    image, extent = batch["image"], batch["extent"]
+    for i, index in enumerate(batch["index"]):
+        width, height = Image.open(train.files[index]).size
+        want = (342, round(342 * width / height)) if height > width else (
+            round(342 * height / width), 342)
+        assert tuple(extent[i]) == want
+        assert not image[i, want[0]:].any() and not image[i, :, want[1]:].any()  # padding
+        assert image[i, want[0] - 1, want[1] - 1].any()  # the image's corner
     digits_train, digits_val = (D.load_dataset("digits", split=s) for s in ("train", "val"))
     assert not D.set_host_transforms(digits_train, digits_val, crop_size=224, resize_size=256,
                                      interpolation="bilinear")

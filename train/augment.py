@@ -369,6 +369,7 @@ def sample_crop_boxes(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
+    extent: jax.Array | None = None,
 ) -> jax.Array:
     """Samples RandomResizedCrop boxes with torchvision's semantics.
 
@@ -384,25 +385,41 @@ def sample_crop_boxes(
         scale: Range of the crop area as a fraction of the image area.
         ratio: Range of the aspect ratio width / height.
         attempts: Tries before the fallback.
+        extent: Optional int ``[batch, 2]`` (height, width) of each example's
+            image in the top-left corner of its ``height`` x ``width`` array (the
+            rest is padding): boxes are drawn from that image alone, as
+            torchvision draws them from the whole image.
 
     Returns:
         int32 ``[batch, 4]`` of (top, left, height, width).
     """
-    area = float(height * width)
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    # The fallback depends only on static shapes, so it is computed in Python.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fb_w, fb_h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fb_h, fb_w = height, int(round(height * max(ratio)))
+    if extent is None:
+        # The fallback depends only on static shapes, so it is computed in Python.
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            fb_w, fb_h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            fb_h, fb_w = height, int(round(height * max(ratio)))
+        else:
+            fb_w, fb_h = width, height
+        fallback = jnp.array([(height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w], jnp.int32)
+        sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32), (batch, 2))
+        fallbacks = jnp.broadcast_to(fallback, (batch, 4))
     else:
-        fb_w, fb_h = width, height
-    fallback = jnp.array([(height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w], jnp.int32)
+        sizes = jnp.clip(jnp.asarray(extent, jnp.int32), 1, jnp.array([height, width]))
+        h, w = sizes[:, 0], sizes[:, 1]
+        in_ratio = w / h
+        narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+        fb_w = jnp.where(wide, jnp.round(h * max(ratio)).astype(jnp.int32), w)
+        fb_h = jnp.where(narrow, jnp.round(w / min(ratio)).astype(jnp.int32), h)
+        fallbacks = jnp.stack([(h - fb_h) // 2, (w - fb_w) // 2, fb_h, fb_w], axis=1)
 
-    def one(k):
+    def one(k, size, fallback):
         # A single draw per example: every separate jax.random call adds a
         # threefry hash to the compiled graph, and compile time dominates here.
+        height, width = size[0], size[1]
+        area = (height * width).astype(jnp.float32)
         u = jax.random.uniform(k, (2 * attempts + 2,))
         target = area * (scale[0] + (scale[1] - scale[0]) * u[:attempts])
         aspect = jnp.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[attempts : 2 * attempts])
@@ -415,7 +432,7 @@ def sample_crop_boxes(
         left = jnp.minimum(jnp.floor(u[-1] * (width - w + 1)).astype(jnp.int32), width - w)
         return jnp.where(jnp.any(fits), jnp.stack([top, left, h, w]), fallback)
 
-    return jax.vmap(one)(jax.random.split(key, batch))
+    return jax.vmap(one)(jax.random.split(key, batch), sizes, fallbacks)
 
 
 def random_resized_crop(
@@ -427,6 +444,7 @@ def random_resized_crop(
     *,
     interpolation: str = "bilinear",
     antialias: bool = True,
+    extent: jax.Array | None = None,
 ) -> jax.Array:
     """torchvision ``RandomResizedCrop``, one independent box per example.
 
@@ -438,12 +456,14 @@ def random_resized_crop(
         ratio: Range of the aspect ratio width / height.
         interpolation: "bilinear" or "bicubic".
         antialias: As torchvision's ``antialias``.
+        extent: Optional int ``[N, 2]`` size of each image in the top-left
+            corner of its padded array (``sample_crop_boxes``).
 
     Returns:
         float32 ``[N, out_h, out_w, C]``.
     """
     n, height, width, _ = images.shape
-    boxes = sample_crop_boxes(key, n, height, width, scale, ratio)
+    boxes = sample_crop_boxes(key, n, height, width, scale, ratio, extent=extent)
     return crop_and_resize(
         images, boxes, out_size, interpolation=interpolation, antialias=antialias
     )
@@ -675,13 +695,17 @@ def color_jitter(
 # Composed transforms.
 
 
-def train_transform(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> jax.Array:
+def train_transform(key: jax.Array, images: jax.Array, cfg: AugmentConfig,
+                    extent: jax.Array | None = None) -> jax.Array:
     """RandomResizedCrop -> HorizontalFlip -> [ColorJitter] -> Normalize.
 
     Args:
         key: PRNG key for the batch (use a fresh one per step).
         images: NHWC batch, uint8 or float 0..1, 1 or 3 channels.
         cfg: Transform settings (pass as a static argument under jit).
+        extent: Optional int ``[N, 2]``: each image's size in the top-left
+            corner of its padded array (``train.data``'s ``"fit"`` storage);
+            the crops are drawn from it alone.
 
     Returns:
         float32 ``[N, crop, crop, cfg.channels]`` normalized batch.
@@ -695,6 +719,7 @@ def train_transform(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> ja
         cfg.ratio,
         interpolation=cfg.interpolation,
         antialias=cfg.antialias,
+        extent=extent,
     )
     x = random_horizontal_flip(k_flip, x, cfg.flip_prob)
     # Channel conversion after the crop: replicating a gray channel commutes

@@ -25,11 +25,13 @@ Dataset specs (``--dataset``):
 
 Host transforms: batches need one image shape, so sources whose images vary in
 size (folders, TFDS features of unknown shape) shape each image on the host
-(``HostTransform``). Training images are stored as the central square of the
-image resized so its shorter side is ``storage_size`` (default 256; finetune
-uses the largest of 256, the eval resize and the crop), and the on-device
-``RandomResizedCrop`` samples from that square: a landscape or portrait image
-loses its edges there, where torchvision's crop would sample the whole image.
+(``HostTransform``). Training images are stored whole: resized so the longer
+side fills a square (4/3 of the largest of 256, the eval resize and the crop,
+so a 4:3 image keeps a shorter side at least that large), in its top-left
+corner, with the image's (height, width) as the batch's ``extent``; the
+on-device ``RandomResizedCrop`` draws its boxes from that extent, as
+torchvision's draws them from the whole image (``load_dataset``'s
+``storage_size`` alone gives the central square of that side instead).
 Evaluation images get torchvision's eval transform on the host, on the PIL
 image as ``ImageFolder`` + ``weights.transforms()`` do (``Resize`` of the
 shorter side with the weights' interpolation, then ``CenterCrop``), so the
@@ -55,6 +57,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import queue
 import re
@@ -134,8 +137,12 @@ class HostTransform:
     """How a variable-size image is shaped on the host (see the module doc).
 
     Attributes:
-        kind: ``"square"``: the shorter side resized to ``size``, then the
-            central square (training storage); ``"eval"``: torchvision's
+        kind: ``"fit"``: the whole image resized so its longer side is
+            ``size``, in the top-left corner of a ``size`` x ``size`` array of
+            zeros, its (height, width) kept as the example's extent (training
+            storage: the random crop samples the whole image, as torchvision's);
+            ``"square"``: the shorter side resized to ``size``, then the
+            central square; ``"eval"``: torchvision's
             ``Resize(resize_size)`` of the shorter side, then
             ``CenterCrop(size)`` (zero-padded where the image is smaller), as
             torchvision's PIL path does it: the model's evaluation input.
@@ -151,8 +158,8 @@ class HostTransform:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        if self.kind not in ("square", "eval"):
-            raise ValueError(f"kind must be 'square' or 'eval', got {self.kind!r}")
+        if self.kind not in ("fit", "square", "eval"):
+            raise ValueError(f"kind must be 'fit', 'square' or 'eval', got {self.kind!r}")
         if self.interpolation not in _PIL_FILTERS:
             raise ValueError(f"interpolation must be one of {tuple(_PIL_FILTERS)}, "
                              f"got {self.interpolation!r}")
@@ -165,6 +172,11 @@ class HostTransform:
         Returns:
             uint8 ``[size, size, 3]``.
         """
+        return self.apply(image)[0]
+
+    def apply(self, image: Any) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """Shapes one PIL image; returns the uint8 ``[size, size, 3]`` array and,
+        for ``"fit"``, the (height, width) the image takes in it (else None)."""
         from PIL import Image
 
         from jaxnets.imageio import to_rgb
@@ -172,12 +184,20 @@ class HostTransform:
         image = to_rgb(image)
         resample = getattr(Image.Resampling, _PIL_FILTERS[self.interpolation])
         width, height = image.size
+        if self.kind == "fit":
+            scale = self.size / max(width, height)
+            new_w = min(self.size, max(1, round(width * scale)))
+            new_h = min(self.size, max(1, round(height * scale)))
+            canvas = np.zeros((self.size, self.size, 3), np.uint8)
+            canvas[:new_h, :new_w] = np.asarray(image.resize((new_w, new_h), resample), np.uint8)
+            return canvas, (new_h, new_w)
         if self.kind == "square":
             side = min(width, height)
             left, top = (width - side) / 2.0, (height - side) / 2.0
             # One PIL resize with a source box does crop + antialiased resize at once.
             box = (left, top, left + side, top + side)
-            return np.asarray(image.resize((self.size, self.size), resample, box=box), np.uint8)
+            pixels = image.resize((self.size, self.size), resample, box=box)
+            return np.asarray(pixels, np.uint8), None
         from train.augment import center_crop_box, resized_shape
 
         new_h, new_w = resized_shape(height, width, self.resize_size)
@@ -189,15 +209,16 @@ class HostTransform:
             pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2),
                                      (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
         top, left = center_crop_box(pixels.shape[0], pixels.shape[1], crop, crop)
-        return np.ascontiguousarray(pixels[top : top + crop, left : left + crop])
+        return np.ascontiguousarray(pixels[top : top + crop, left : left + crop]), None
 
 
 def train_storage(crop_size: int, resize_size: int, interpolation: str) -> HostTransform:
     """The training storage of variable-size images for a model fed ``crop_size``
-    pixels: the central square at the largest of 256, the eval resize and the
-    crop, so the random crops are never upsampled from a smaller store."""
-    size = max(DEFAULT_STORAGE_SIZE, crop_size, resize_size)
-    return HostTransform("square", size, interpolation=interpolation)
+    pixels: the whole image (``"fit"``) in a square 4/3 the largest of 256, the
+    eval resize and the crop, so an image up to 4:3 keeps a shorter side at least
+    that large and the random crops are not upsampled from a smaller store."""
+    size = math.ceil(max(DEFAULT_STORAGE_SIZE, crop_size, resize_size) * 4 / 3)
+    return HostTransform("fit", size, interpolation=interpolation)
 
 
 def fit_storage(image: Any, size: int) -> np.ndarray:
@@ -214,7 +235,8 @@ def fit_storage(image: Any, size: int) -> np.ndarray:
 
 
 def decode_image(path: str, size: int | HostTransform) -> np.ndarray:
-    """Decodes an image file to uint8 ``[size, size, 3]``.
+    """Decodes an image file to uint8 ``[size, size, 3]`` (``decode_image_extent``
+    also gives a ``"fit"`` transform's extent).
 
     Args:
         path: Image file.
@@ -227,16 +249,23 @@ def decode_image(path: str, size: int | HostTransform) -> np.ndarray:
     Raises:
         DataError: The file cannot be read or decoded; the message names it.
     """
+    return decode_image_extent(path, size)[0]
+
+
+def decode_image_extent(path: str, size: int | HostTransform
+                        ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """``decode_image`` and the extent ``HostTransform.apply`` gives (None unless
+    ``"fit"``)."""
     from PIL import Image
 
     transform = size if isinstance(size, HostTransform) else HostTransform("square", size)
     try:
         with Image.open(path) as image:
-            if transform.kind == "square":
+            if transform.kind != "eval":
                 # JPEG can decode directly at a reduced scale that is still >= size.
                 # Not for evaluation: torchvision decodes the whole image.
                 image.draft("RGB", (transform.size, transform.size))
-            return transform(image)
+            return transform.apply(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from e
 
@@ -285,10 +314,15 @@ class FolderSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.read(index)[:2]
+
+    def read(self, index: int) -> tuple[np.ndarray, int, tuple[int, int] | None]:
+        """(image, label, extent): the extent of a ``"fit"`` host transform, else None."""
         for offset in range(len(self.files)):
             i = (index + offset) % len(self.files)
             try:
-                return decode_image(self.files[i], self.host_transform), int(self.labels[i])
+                image, extent = decode_image_extent(self.files[i], self.host_transform)
+                return image, int(self.labels[i]), extent
             except DataError as e:
                 if not self.skip_bad:
                     raise
@@ -336,6 +370,10 @@ class TfdsSource:
         return len(self.data_source)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.read(index)[:2]
+
+    def read(self, index: int) -> tuple[np.ndarray, int, tuple[int, int] | None]:
+        """(image, label, extent): the extent of a ``"fit"`` host transform, else None."""
         from jaxnets.imageio import to_uint8
 
         try:
@@ -350,12 +388,13 @@ class TfdsSource:
             raise DataError(f"{self.name}: example {index} has an image of shape {image.shape}; "
                             "images need 1 to 4 channels (gray, gray + alpha, RGB, RGBA)")
         image = to_uint8(image[:, :, : _CHANNELS[image.shape[2]]])
-        if self.host_transform is not None:
-            from PIL import Image
+        if self.host_transform is None:
+            return image, label, None
+        from PIL import Image
 
-            image = self.host_transform(Image.fromarray(image[:, :, 0] if image.shape[2] == 1
-                                                        else image))
-        return image, label
+        pixels, extent = self.host_transform.apply(
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image))
+        return pixels, label, extent
 
 
 # Channels kept of an image with 1, 2 (gray + alpha), 3 or 4 (RGBA) channels.
@@ -367,8 +406,8 @@ def set_host_transforms(
     extra: Sequence[Source] = (),
 ) -> bool:
     """Sets how sources of variable-size images shape them on the host for a model
-    fed ``crop_size`` pixels: ``train`` and ``extra`` (a target domain) store
-    ``train_storage`` squares, ``val`` gets torchvision's eval transform
+    fed ``crop_size`` pixels: ``train`` and ``extra`` (a target domain) get
+    ``train_storage`` (whole images with their extents), ``val`` gets torchvision's eval transform
     (``HostTransform("eval", ...)``). Sources of fixed-size images are left as
     they are.
 
@@ -731,7 +770,8 @@ class Loader:
 
     Each batch is a dict of numpy arrays: ``image`` uint8 ``[B/P, H, W, C]``,
     ``label`` int32, ``mask`` bool (False for padding) and ``index`` int64
-    (dataset index, -1 for padding).
+    (dataset index, -1 for padding); with a ``"fit"`` host transform also
+    ``extent`` int32 ``[B/P, 2]``, each image's (height, width) in its array.
 
     Iterating starts a thread that reads ``prefetch`` batches ahead (image
     decoding fans out to ``num_workers`` threads). An exception while reading
@@ -847,12 +887,16 @@ class Loader:
         """
         valid = indices >= 0
         real = indices[valid]
+        extents = None
         if hasattr(self.source, "read_many"):
             images, labels = self.source.read_many(real)
         else:
-            items = list((pool.map if pool else map)(self.source.__getitem__, real.tolist()))
-            images = np.stack([im for im, _ in items]) if items else None
-            labels = np.array([lab for _, lab in items], np.int32)
+            read = getattr(self.source, "read", None) or (lambda i: (*self.source[i], None))
+            items = list((pool.map if pool else map)(read, real.tolist()))
+            images = np.stack([item[0] for item in items]) if items else None
+            labels = np.array([item[1] for item in items], np.int32)
+            if items and items[0][2] is not None:
+                extents = np.array([item[2] for item in items], np.int32)
         if self._example is None:
             self._example = images[0] if len(real) else self.source[0][0]
         out_images = np.zeros((len(indices),) + self._example.shape, np.uint8)
@@ -866,7 +910,12 @@ class Loader:
                 )
             out_images[valid] = images
             out_labels[valid] = labels
-        return {"image": out_images, "label": out_labels, "mask": valid, "index": indices}
+        batch = {"image": out_images, "label": out_labels, "mask": valid, "index": indices}
+        if extents is not None:  # "fit" storage: each image's size in its array
+            batch["extent"] = np.tile(np.array(self._example.shape[:2], np.int32),
+                                      (len(indices), 1))
+            batch["extent"][valid] = extents
+        return batch
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's batch of global step ``step``, read synchronously."""

@@ -705,9 +705,12 @@ def run(cfg) -> int:
         with Interrupt() as interrupt:
             while step < total:
                 batch = next(it)
-                batch = {k: batch[k] for k in ("image", "label", "mask")}
+                batch = {k: batch[k] for k in ("image", "label", "mask", "extent") if k in batch}
                 if target_it is not None:
-                    batch["target_image"] = next(target_it)["image"]
+                    target = next(target_it)
+                    batch["target_image"] = target["image"]
+                    if "extent" in target:
+                        batch["target_extent"] = target["extent"]
                 local_images = len(batch["label"])
                 batch = distributed.global_batch(batch, mesh)
                 if cfg.debug_nan_at_step is not None and step + 1 == cfg.debug_nan_at_step:

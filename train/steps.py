@@ -278,7 +278,9 @@ def make_train_step(
 
     ``batch`` holds ``image`` (uint8 NHWC), ``label`` (int32), ``mask``
     (bool) and, with ``mmd_weight > 0``, ``target_image`` (unlabelled target
-    domain, same batch size). The augmentation runs inside the step. The
+    domain, same batch size); ``extent`` / ``target_extent`` (int32 ``[B, 2]``)
+    where images are padded (``train.data``'s ``"fit"`` storage) limit the random
+    crops to each image. The augmentation runs inside the step. The
     state argument is donated. Frozen parameters and statistics are carried
     over unchanged (bit-identical), whatever the optimizer does.
 
@@ -309,10 +311,11 @@ def make_train_step(
     def step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_aug, k_target, k_dropout = jax.random.split(key, 3)
-        x = train_transform(k_aug, batch["image"], augment)
+        x = train_transform(k_aug, batch["image"], augment, batch.get("extent"))
         n = x.shape[0]
         if mmd_weight:
-            x = jnp.concatenate([x, train_transform(k_target, batch["target_image"], augment)])
+            x = jnp.concatenate([x, train_transform(k_target, batch["target_image"], augment,
+                                                    batch.get("target_extent"))])
         x = policy.cast_inputs(x)
         mask = batch["mask"].astype(jnp.float32)
 
