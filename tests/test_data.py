@@ -499,7 +499,8 @@ def test_tfds_errors_end_cleanly():
 def test_eval_images_are_torchvisions_eval_preset_pixel_for_pixel(tmp_path, interpolation):
     """A folder's evaluation images are what torchvision's ImageFolder loader and
     ``weights.transforms()`` (``ImageClassification``) feed a model: non-square,
-    portrait, smaller than the crop before resizing, gray, and a large JPEG (no reduced decoding)."""
+    portrait, smaller than the crop before resizing, gray, and a large JPEG (no reduced
+    decoding)."""
     import jax.numpy as jnp
     from torchvision.datasets.folder import default_loader
     from torchvision.transforms import InterpolationMode

@@ -400,7 +400,8 @@ def test_a_killed_process_stops_the_other_at_once_with_one_line(tmp_path):
     try:
         checkpoints = os.path.join(out, "checkpoints")
         deadline = time.time() + 300
-        while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+        while not (os.path.isdir(checkpoints)
+                   and any(n.isdigit() for n in os.listdir(checkpoints))):
             assert time.time() < deadline and procs[0].poll() is None, "no checkpoint written"
             time.sleep(0.2)
         procs[1].kill()

@@ -742,8 +742,9 @@ def eval_transform(images: jax.Array, cfg: AugmentConfig) -> jax.Array:
     """Resize(resize_size) -> CenterCrop(crop_size) -> Normalize, as torchvision.
 
     With ``cfg.eval_prepared`` the images are already resized and cropped:
-    only Normalize (and the channel conversion) is left. The resize and crop are one op: only the rows and columns of the resized
-    image that survive the crop are computed.
+    only Normalize (and the channel conversion) is left. Otherwise the resize
+    and crop are one op: only the rows and columns of the resized image that
+    survive the crop are computed.
 
     Args:
         images: NHWC batch, uint8 or float 0..1, 1 or 3 channels.

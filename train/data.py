@@ -407,9 +407,9 @@ def set_host_transforms(
 ) -> bool:
     """Sets how sources of variable-size images shape them on the host for a model
     fed ``crop_size`` pixels: ``train`` and ``extra`` (a target domain) get
-    ``train_storage`` (whole images with their extents), ``val`` gets torchvision's eval transform
-    (``HostTransform("eval", ...)``). Sources of fixed-size images are left as
-    they are.
+    ``train_storage`` (whole images with their extents), ``val`` torchvision's
+    eval transform (``HostTransform("eval", ...)``). Sources of fixed-size images
+    are left as they are.
 
     Returns:
         Whether ``val``'s images now arrive resized and center-cropped (the eval
