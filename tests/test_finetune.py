@@ -309,6 +309,13 @@ def test_shortened_flags_are_refused_and_doubtful_values_noted(capsys):
     assert len(notes) == 2, notes
     assert "--warmup-steps 50 is more than the run's 20 steps" in notes[0]
     assert "--resize-size 24 is below --image-size 32" in notes[1]
+    # Digits and characters are not flipped unless asked: a mirrored glyph is another one.
+    flips = {spec: resolve(config_lib.parse_args(["--arch", "lenet5", "--dataset", spec])).hflip
+             for spec in ("digits", "tfds:mnist", "tfds:emnist/letters:3.*.*:train:test",
+                          "tfds:svhn_cropped", "tfds:cifar10", "/data/mnist", "folder:x")}
+    assert flips == {"digits": 0.0, "tfds:mnist": 0.0, "tfds:emnist/letters:3.*.*:train:test": 0.0,
+                     "tfds:svhn_cropped": 0.0, "tfds:cifar10": 0.5, "/data/mnist": 0.5,
+                     "folder:x": 0.5}
 
 
 def test_resume_with_another_optimizer_setup_is_refused_in_one_line(tmp_path, capsys, caplog):
@@ -800,3 +807,28 @@ def test_sgd_flags_torch_refuses_and_adamw_ignores(tmp_path, capsys):
     assert finetune.main(args[:-4] + ["--steps", "4", "--weight-decay", "0",
                                       "--output-dir", run]) == 2
     assert "weight_decay: 0.05 there, 0.0 now" in capsys.readouterr().err
+
+
+def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
+    """Files added to a flat image folder move others between the splits: a resume
+    notes it (validation images may have been trained on); the same split is silent."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "ds" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (9 + i, 8), (40 * i, 80, 20)).save(tmp_path / "ds" / c / f"{i}.png")
+    args = ["--arch", "mlp", "--dataset", str(tmp_path / "ds"), "--weights", "none",
+            "--image-size", "8", "--batch-size", "4", "--val-fraction", "0.3", "--no-progress",
+            "--output-dir", str(tmp_path / "run")]
+    assert finetune.main(args + ["--steps", "1"]) == 0
+    split = json.load(open(tmp_path / "run" / "split.json"))
+    assert (split["train"], split["val"]) == (8, 4)
+    assert finetune.main(args + ["--steps", "2"]) == 0
+    assert "split is not the one" not in capsys.readouterr().err
+    Image.new("RGB", (9, 9)).save(tmp_path / "ds" / "a" / "00.png")
+    assert finetune.main(args + ["--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the dataset's split is not the one this run started with (8 train / 4 val " \
+           "images then, 9 / 4 now, other validation images)" in err, err
+    assert json.load(open(tmp_path / "run" / "split.json")) == split  # the start's, kept

@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest RandomResizedCrop area fraction (auto: 0.08 for pretrained "
                         "weights, 0.35 otherwise)")
     g.add_argument("--hflip", type=_fraction, default=None,
-                   help="horizontal flip probability (auto: 0 for digits, 0.5 otherwise)")
+                   help="horizontal flip probability (auto: 0 for digits and characters: "
+                        "digits, tfds mnist, emnist, kmnist, binarized_mnist, svhn_cropped, "
+                        "omniglot; 0.5 otherwise)")
     g.add_argument("--color-jitter", type=_jitter, default=None, metavar="B,C,S,H",
                    help="ColorJitter of training images, as torchvision's (brightness, "
                         "contrast, saturation, hue; hue <= 0.5), or one V for V,V,V,0; "
@@ -454,7 +456,7 @@ def resolve(
         resize_size=resize_size,
         crop_scale_min=cfg.crop_scale_min if cfg.crop_scale_min is not None
         else (0.08 if pretrained else 0.35),
-        hflip=cfg.hflip if cfg.hflip is not None else (0.0 if cfg.dataset == "digits" else 0.5),
+        hflip=cfg.hflip if cfg.hflip is not None else (0.0 if _of_glyphs(cfg.dataset) else 0.5),
         mean=tuple(mean),
         std=tuple(std),
         interpolation=cfg.interpolation or _interpolation(transforms),
@@ -483,6 +485,18 @@ def doubtful(cfg: Config) -> list[str]:
         notes.append(f"--resize-size {cfg.resize_size} is below --image-size "
                      f"{cfg.image_size}: evaluation's center crop is padded with zeros")
     return notes
+
+
+# Datasets of digits and characters, which a mirror image turns into other glyphs.
+GLYPH_DATASETS = ("digits", "mnist", "emnist", "kmnist", "binarized_mnist", "svhn_cropped",
+                  "omniglot")
+
+
+def _of_glyphs(dataset: str) -> bool:
+    """Whether ``--dataset`` names one of ``GLYPH_DATASETS`` (a tfds one with any config,
+    version or splits): its default ``--hflip`` is 0."""
+    name = dataset.removeprefix("tfds:").split(":")[0].split("/")[0]
+    return dataset == "digits" or (dataset.startswith("tfds:") and name in GLYPH_DATASETS)
 
 
 def _interpolation(transforms) -> str:

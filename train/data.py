@@ -401,6 +401,23 @@ class TfdsSource:
 _CHANNELS = {1: 1, 2: 1, 3: 3, 4: 3}
 
 
+def split_fingerprint(train: Source, val: Source) -> dict[str, Any]:
+    """What identifies a dataset's split for a run: both sizes and a digest of the
+    validation examples (an image folder's files relative to their common folder,
+    else the source's name), so a resume can tell that files were added or moved
+    between the splits."""
+    import hashlib
+
+    files = getattr(val, "files", None)
+    if files:
+        root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+        names = sorted(os.path.relpath(f, root) for f in files)
+    else:
+        names = [getattr(val, "name", "")]
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return {"train": len(train), "val": len(val), "val_digest": digest}
+
+
 def set_host_transforms(
     train: Source, val: Source, *, crop_size: int, resize_size: int, interpolation: str,
     extra: Sequence[Source] = (),

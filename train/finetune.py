@@ -513,7 +513,7 @@ def run(cfg) -> int:
     from train import config as config_lib
     from train import distributed
     from train import optim, steps as steps_lib
-    from train.data import Loader, load_dataset, set_host_transforms
+    from train.data import Loader, load_dataset, set_host_transforms, split_fingerprint
     from train.metrics import MetricsLog
 
     started = time.time()
@@ -647,8 +647,21 @@ def run(cfg) -> int:
                 distributed.print0("note: flags changed since the run last started: "
                                    + "; ".join(changed), file=sys.stderr)
     state = distributed.replicate(state, mesh)
+    split_path, split = os.path.join(run_dir, "split.json"), split_fingerprint(train_src, val_src)
+    if is_run and os.path.exists(split_path):
+        with open(split_path) as f:
+            then = json.load(f)
+        if then != split:
+            distributed.print0(
+                f"note: the dataset's split is not the one this run started with ({then['train']} "
+                f"train / {then['val']} val images then, {split['train']} / {split['val']} now"
+                + ("" if then["val"] != split["val"] else ", other validation images")
+                + "): validation images may have been trained on", file=sys.stderr)
     if main and not (cfg.eval_only and is_run):  # an evaluation keeps the run's config
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
+        if not os.path.exists(split_path):  # the split the run started with
+            with open(split_path, "w") as f:
+                json.dump(split, f)
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
             **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
