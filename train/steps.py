@@ -302,7 +302,7 @@ def make_train_step(
 
     Returns:
         The jitted step. Its metrics are scalars: ``loss`` (total),
-        ``ce``, ``mmd``, ``correct`` (count), ``count``, ``grad_norm``, ``lr_scale``.
+        ``ce``, ``mmd``, ``correct`` (count), ``count`` and ``grad_norm`` (before clipping).
     """
     policy = get_policy(precision)
     if mmd_weight and parts.head is None:
