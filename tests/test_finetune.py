@@ -832,3 +832,6 @@ def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
     assert "note: the dataset's split is not the one this run started with (8 train / 4 val " \
            "images then, 9 / 4 now, other validation images)" in err, err
     assert json.load(open(tmp_path / "run" / "split.json")) == split  # the start's, kept
+    # summary.json: this invocation's seconds and the run's, earlier invocations included.
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["run_seconds"] > summary["seconds"] > 0, summary

@@ -347,7 +347,7 @@ def _skipped(cfg, train_src, val_src, target_loader) -> list[str] | None:
 
 
 def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds: float,
-            skipped: list[str] | None = None) -> str:
+            skipped: list[str] | None = None, run_seconds: float | None = None) -> str:
     from train import metrics as metrics_lib
 
     cm = metrics_lib.confusion_matrix(result["labels"], result["preds"], source.num_classes)
@@ -359,6 +359,8 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
     summary = {"step": step, "val_top1": result["top1"], "val_top5": result["top5"],
                "val_loss": result["loss"], "val_count": result["count"],
                "seconds": round(seconds, 1)}
+    if run_seconds is not None:  # a resumed run: its earlier invocations too (to their
+        summary["run_seconds"] = round(run_seconds, 1)  # last checkpoints)
     if skipped is not None:  # --skip-bad: the files this process could not decode
         summary["skipped_files"] = skipped
     tmp = os.path.join(run_dir, "summary.json.tmp")
@@ -639,9 +641,10 @@ def run(cfg) -> int:
                                "--weight-decay); rerun with the run's own flags or pass "
                                "another --output-dir") from None
             raise RunError(str(e)) from None
-        start_step = 0
+        start_step, seconds_before = 0, 0.0
         if restored is not None:
-            start_step, state, _ = restored
+            start_step, state, restored_meta = restored
+            seconds_before = float(restored_meta.get("seconds", 0.0))
             distributed.print0(f"resuming {run_dir} from step {start_step}", file=sys.stderr)
             if changed:  # allowed (a longer run, a lower rate), but not silently
                 distributed.print0("note: flags changed since the run last started: "
@@ -703,7 +706,9 @@ def run(cfg) -> int:
     train_loader.start_step = start_step
     total = cfg.steps
     meta = lambda step: {"step": step, "epoch": step // spe, "arch": cfg.arch,  # noqa: E731
-                         "dataset": cfg.dataset}
+                         "dataset": cfg.dataset,
+                         # wall time of the run so far, earlier invocations included
+                         "seconds": round(seconds_before + time.time() - started, 1)}
     last_saved = start_step if restored else None
     status, last_eval = 0, None
     window = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
@@ -802,7 +807,8 @@ def run(cfg) -> int:
             eval_step, state, val_src, eval_bs, cfg.num_workers, progress=cfg.progress, mesh=mesh)
         if main:
             print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started,
-                          _skipped(cfg, train_src, val_src, target_loader)))
+                          _skipped(cfg, train_src, val_src, target_loader),
+                          run_seconds=seconds_before + time.time() - started))
     if metrics_log is not None:
         metrics_log.close()
     checkpointer.close()
