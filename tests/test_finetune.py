@@ -743,9 +743,11 @@ def test_folder_evaluation_gives_torchvisions_logits(tmp_path, capsys):
 
 def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path, capsys):
     """A corrupt file met at the epoch's evaluation stops the run in one line with the
-    epoch's checkpoint written; --skip-bad logs, skips and lists it. A validation split
-    with no images is refused before anything is written."""
+    epoch's checkpoint written; --skip-bad logs, leaves out and lists it. A validation
+    split with no images is refused before anything is written."""
     from PIL import Image
+
+    from train.data import load_dataset
 
     for split, count in (("train", 4), ("val", 2)):
         for c in ("a", "b"):
@@ -765,7 +767,11 @@ def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path
     assert os.listdir(run / "checkpoints") == ["2"]  # the epoch's 2 steps are kept
     assert finetune.main(args + ["--output-dir", str(tmp_path / "skip"), "--skip-bad"]) == 0
     summary = json.load(open(tmp_path / "skip" / "summary.json"))
-    assert summary["skipped_files"] == [str(bad)] and summary["val_count"] == 4
+    assert summary["skipped_files"] == [str(bad)] and summary["val_count"] == 3  # left out
+    predictions = np.load(tmp_path / "skip" / "predictions.npz")
+    files = [load_dataset(str(tmp_path / "ds"), split="val").files[i]
+             for i in predictions["index"]]
+    assert len(files) == 3 and str(bad) not in files
     assert "--skip-bad skipped 1 image file(s)" in capsys.readouterr().err
     for c in ("a", "b"):
         (tmp_path / "flat" / c).mkdir(parents=True)
@@ -835,3 +841,17 @@ def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
     # summary.json: this invocation's seconds and the run's, earlier invocations included.
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["run_seconds"] > summary["seconds"] > 0, summary
+
+
+def test_logged_ce_is_plain_cross_entropy_under_label_smoothing(tmp_path):
+    rows = {}
+    for smoothing in ("0", "0.5"):
+        run = tmp_path / smoothing
+        assert finetune.main(["--arch", "mlp", "--dataset", "digits", "--weights", "none",
+                              "--image-size", "8", "--steps", "1", "--log-every", "1",
+                              "--label-smoothing", smoothing, "--no-progress",
+                              "--output-dir", str(run)]) == 0
+        rows[smoothing] = [json.loads(line) for line in open(run / "metrics.jsonl")][0]
+    assert rows["0.5"]["ce"] == pytest.approx(rows["0"]["ce"], rel=1e-6)  # same first step
+    assert rows["0"]["loss"] == pytest.approx(rows["0"]["ce"])
+    assert abs(rows["0.5"]["loss"] - rows["0.5"]["ce"]) > 1e-3  # the loss is smoothed

@@ -264,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval batch (auto: batch size)")
     g.add_argument("--num-workers", type=_positive_int, default=4, help="image decoding threads")
     g.add_argument("--skip-bad", action="store_true",
-                   help="skip image files that cannot be decoded (each logged once and "
-                        "replaced by the next readable file; listed in summary.json) rather "
-                        "than stop at the first with one line naming it")
+                   help="skip image files that cannot be decoded (each logged once; "
+                        "training reads the next readable file in its place, evaluation "
+                        "leaves it out; listed in summary.json) rather than stop at the first "
+                        "with one line naming it")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_nonneg_int, default=10,

@@ -284,6 +284,9 @@ class FolderSource:
             ``bad_files`` and replaced by the next readable file (in index
             order, wrapping), so every read stays deterministic and batches
             keep their size; if False it raises ``DataError``.
+        substitute: With ``skip_bad``, False leaves an undecodable file out
+            instead: ``read`` gives a blank image with label -1, which the
+            ``Loader`` masks (an evaluation counts no image twice).
     """
 
     def __init__(
@@ -294,8 +297,10 @@ class FolderSource:
         class_names: Sequence[str],
         storage_size: int = DEFAULT_STORAGE_SIZE,
         skip_bad: bool = False,
+        substitute: bool = True,
     ):
         self.name = name
+        self.substitute = substitute
         self.files = list(files)
         self.labels = np.asarray(labels, np.int32)
         self.class_names = list(class_names)
@@ -330,6 +335,10 @@ class FolderSource:
                     if self.files[i] not in self.bad_files:
                         self.bad_files.add(self.files[i])
                         log.warning("skipping %s (%d bad so far)", e, len(self.bad_files))
+                if not self.substitute:
+                    size = self.host_transform.size
+                    extent = (size, size) if self.host_transform.kind == "fit" else None
+                    return np.zeros((size, size, 3), np.uint8), -1, extent
         raise DataError(f"no readable image among the {len(self.files)} files of {self.name}")
 
 
@@ -547,9 +556,9 @@ def load_dataset(
         val_fraction: Held-out fraction where a split is carved; None means
             0.2 for digits and 0.1 otherwise.
         storage_size: Host-side image size for variable-size images.
-        skip_bad: For folders: log and count undecodable files and read the
-            next readable file in their place (see ``FolderSource``) instead
-            of raising ``DataError``.
+        skip_bad: For folders: log and count undecodable files instead of
+            raising ``DataError``; the train split reads the next readable file
+            in their place, the val split leaves them out (see ``FolderSource``).
 
     Returns:
         A ``Source``.
@@ -666,7 +675,10 @@ def _load_folder(path, split, seed, val_fraction, storage_size, skip_bad) -> Fol
         train, val = stratified_split(np.asarray(labels), val_fraction, seed)
         keep = train if split == "train" else val
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    return FolderSource(f"{name}/{split}", files, labels, class_names, storage_size, skip_bad)
+    # Training keeps its batches full with the next readable file; an evaluation
+    # leaves a bad file out.
+    return FolderSource(f"{name}/{split}", files, labels, class_names, storage_size, skip_bad,
+                        substitute=split == "train")
 
 
 def _tfds_error(e: Exception) -> str:
@@ -927,7 +939,10 @@ class Loader:
                 )
             out_images[valid] = images
             out_labels[valid] = labels
-        batch = {"image": out_images, "label": out_labels, "mask": valid, "index": indices}
+        dropped = out_labels < 0  # an undecodable file a source leaves out (label -1)
+        out_labels[dropped] = 0
+        batch = {"image": out_images, "label": out_labels, "mask": valid & ~dropped,
+                 "index": indices}
         if extents is not None:  # "fit" storage: each image's size in its array
             batch["extent"] = np.tile(np.array(self._example.shape[:2], np.int32),
                                       (len(indices), 1))

@@ -331,14 +331,16 @@ def make_train_step(
                 out, mmd = policy.cast_output(model(x)), jnp.zeros((), jnp.float32)
             logits, aux = logits_and_aux(out)
 
-            def masked_ce(z):
-                ce = _cross_entropy(z, batch["label"], num_classes, label_smoothing)
+            def masked_ce(z, smoothing=label_smoothing):
+                ce = _cross_entropy(z, batch["label"], num_classes, smoothing)
                 return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
             ce = masked_ce(logits)
             loss = ce + mmd_weight * mmd
             if aux_weight:
                 loss = loss + aux_weight * sum(masked_ce(z) for z in aux)
+            if label_smoothing:  # the logged ce is plain cross-entropy, as the eval loss
+                ce = masked_ce(jax.lax.stop_gradient(logits), 0.0)
             return loss, (logits, _flat_stats(model), ce, mmd)
 
         (loss, (logits, new_stats, ce, mmd)), grads = jax.value_and_grad(
