@@ -8,8 +8,8 @@ process runs, in this order, while the budget lasts,
 
 * the train-step benchmark of ResNet-50 in bf16 at batch 256 (the goal: above
   2,500 images/s on one H100-class GPU), then the other rows of bench/README's
-  table (lenet5, resnet18_cifar, resnet50, vit_b_16, transformer; fp32 with TF32
-  as each framework uses it for speed, and bf16), ``bench.train_step`` on both
+  table (lenet5 in fp32; resnet18_cifar, resnet50, vit_b_16, transformer in fp32
+  with TF32 as each framework uses it for speed, and bf16), ``bench.train_step`` on both
   sides (torch eager; ``torch.compile`` on the last ResNet-50 row);
 * parity with torch (``porting.parity.run_parity``: full fp32, TF32 off on both
   sides; the jax side on the accelerator, torch on the CPU) of every registered
@@ -76,7 +76,8 @@ class Item:
     def label(self) -> str:
         if self.kind == "parity":
             return f"parity {self.arch}{' +grads' if self.grads else ''}"
-        return f"bench {self.arch} {self.precision} b{self.batch}"
+        return (f"bench {self.arch} {self.precision} b{self.batch}"
+                + (" +torch.compile" if self.compile_too else ""))
 
 
 def plan(short: bool = False, parity: bool = True, bench: bool = True) -> list[Item]:

@@ -59,7 +59,8 @@ class CompileCacheError(ValueError):
 
 FLAG_HELP = ("keep compiled XLA programs in DIR and read them back on later runs "
              "(jaxnets/compile_cache.py); 'off' compiles afresh (auto: $JAXNETS_COMPILE_CACHE, "
-             "else xla/ in $JAXNETS_CACHE or ~/.cache/jaxnets; a JAX_COMPILATION_CACHE_DIR "
+             "else xla/ in $JAXNETS_CACHE, $XDG_CACHE_HOME/jaxnets or ~/.cache/jaxnets; a "
+             "JAX_COMPILATION_CACHE_DIR "
              "already set is used as it is)")
 
 

@@ -152,7 +152,8 @@ class InceptionAux(nnx.Module):
             raise ValueError(
                 f"Inception v3's auxiliary classifier needs Mixed_6e maps of at least 17x17 "
                 f"(inputs of 299x299 and up), got {x.shape[1]}x{x.shape[2]}; build the model "
-                "with aux_logits=False to train on smaller inputs")
+                "with aux_logits=False (on the command line: --model-arg aux_logits=False) "
+                "to train on smaller inputs")
         x = self.conv1(self.conv0(avg_pool2d(x, 5, 3)))
         return self.fc(jnp.mean(x, axis=(1, 2)))
 

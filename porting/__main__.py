@@ -2,12 +2,13 @@
 
 Commands:
 
-* ``convert --arch A --weights NAME_OR_PATH --out DIR [--num-classes N]
+* ``convert --arch A [--weights NAME_OR_PATH] --out DIR [--num-classes N]
   [--model-arg KEY=VALUE ...]`` writes a *converted directory* (``model.safetensors`` keyed by flax paths in
   flax layout, plus ``jaxnets.json``; see ``porting.pretrained``). ``NAME`` is
   a registry weights name (``DEFAULT``, ``IMAGENET1K_V2``,
   ``resnet50.IMAGENET1K_V1``), fetched like ``from_torchvision`` does; a path
-  is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint. ``--model-arg``:
+  is a ``.pth``/``.pt``/``.bin`` or safetensors checkpoint (``DEFAULT`` when not
+  given). ``--model-arg``:
   constructor options (``image_size=384``, ``d_model=256``), kept in
   ``jaxnets.json``.
 * ``export [--arch A] --checkpoint DIR --out FILE.pth|FILE.safetensors

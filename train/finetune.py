@@ -19,7 +19,9 @@ logs, plots and summaries, and every process takes part in checkpoint saves.
 
 Exit status: 0 done; 2 bad input (one ``error: ...`` line on stderr, nothing
 written before is touched); 1 non-finite loss (the last good checkpoint is
-kept); 130 interrupted by Ctrl-C (after saving a checkpoint).
+kept); 3 another process of a multi-process run lost; 74 a checkpoint that
+cannot be written (full disk; the earlier ones kept); 130 interrupted by Ctrl-C
+(after saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -419,7 +421,9 @@ def _check_identity(run_dir: str, cfg, given=None) -> tuple[bool, list[str]]:
     skip = (*config_lib.IDENTITY_FIELDS, *config_lib.RUNTIME_FIELDS)
     changed = [f"{k.replace('_', '-')} {_flag_value(saved.get(k))} -> {_flag_value(v)}"
                + (" (auto)" if given is not None and getattr(given, k, 0) is None else "")
-               for k, v in current.items() if k not in skip and k in saved and saved[k] != v]
+               for k, v in current.items() if k not in skip and k in saved and saved[k] != v
+               # --steps given: --epochs is not used, whatever its value
+               and not (k == "epochs" and given is not None and given.steps is not None)]
     return True, changed
 
 

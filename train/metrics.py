@@ -11,17 +11,19 @@ five protobuf fields, encoded by hand below.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["MetricsLog", "TensorBoardWriter", "crc32c", "read_events", "confusion_matrix",
            "plot_curves", "plot_confusion"]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------
@@ -81,8 +83,7 @@ class MetricsLog:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
                     # A line cut short (a full disk, a power loss): the rest is kept.
-                    warnings.warn(f"{self.path}: line {number} is damaged and left out",
-                                  stacklevel=2)
+                    log.warning("%s: line %d is damaged and left out", self.path, number)
         return records
 
     def close(self) -> None:
