@@ -32,9 +32,11 @@ def to_rgb(image: Any) -> Any:
 
 
 def to_uint8(pixels: Any) -> np.ndarray:
-    """An image array as uint8, by :func:`to_rgb`'s rules: 16-bit and wider
-    integers above 255 divided by 257 (their high byte, rounded), floats of
-    0..1 times 255, anything else clipped to 0..255; bool as 0/255.
+    """An image array as uint8, by :func:`to_rgb`'s rules: 16-bit integers
+    divided by 257 (their high byte, rounded; as PIL's ``I;16``), wider integers
+    so where the array's maximum is above 255 (as ``I``), floats times 255 where
+    the array's maximum is at most 1 (as ``F``), anything else clipped to
+    0..255; bool as 0/255.
 
     Args:
         pixels: ``[H, W]`` or ``[H, W, C]`` array of any real dtype.
@@ -49,7 +51,8 @@ def to_uint8(pixels: Any) -> np.ndarray:
         return pixels.astype(np.uint8) * np.uint8(255)
     values = pixels.astype(np.float64)
     top = values.max() if values.size else 0.0
-    if np.issubdtype(pixels.dtype, np.integer) and (pixels.dtype.itemsize >= 2 and top > 255):
+    if pixels.dtype in (np.uint16, np.int16) or (
+            np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize > 2 and top > 255):
         values = values / 257.0
     elif np.issubdtype(pixels.dtype, np.floating) and top <= 1.0:
         values = values * 255.0

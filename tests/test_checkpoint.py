@@ -123,6 +123,7 @@ def test_a_write_that_fails_is_one_error_and_its_noise_is_held_back(tmp_path, ca
 
     def full(*args, **kwargs):
         noise()
+        logging.getLogger("train.data").warning("skipping x.png (1 bad so far)")
         raise ValueError("RESOURCE_EXHAUSTED: Error writing \"x\": Failed to write 24350 bytes "
                          "to file 19: No space left on device [os_error_code='28']")
 
@@ -134,7 +135,8 @@ def test_a_write_that_fails_is_one_error_and_its_noise_is_held_back(tmp_path, ca
         with pytest.raises(CheckpointWriteError, match=r"cannot write the checkpoint of step 2 "
                            r"in .*: no space left on the device \(the earlier checkpoints"):
             ck.save(2, _state(), {"epoch": 0})
-        assert capsys.readouterr().err == ""
+        # Orbax's repeats are dropped; other loggers' records of the moment come through.
+        assert capsys.readouterr().err.strip() == "skipping x.png (1 bad so far)"
         ck.manager.save = chatty
         ck.save(3, _state(), {"epoch": 0})
         err = capsys.readouterr().err

@@ -392,6 +392,9 @@ def test_a_resume_note_marks_values_worked_out_anew(tmp_path):
     now = dataclasses.replace(given, warmup_steps=10, val_fraction=0.2)
     is_run, changed = finetune._check_identity(str(tmp_path), now, given)
     assert is_run and sorted(changed) == ["steps 70 -> 100", "warmup-steps 7 -> 10 (auto)"]
+    # A clip norm of 0 (accepted before it was refused) was no clipping: the same run.
+    assert finetune._same_value("clip_grad_norm", 0.0) == finetune._same_value(
+        "clip_grad_norm", None) != finetune._same_value("clip_grad_norm", 1.0)
 
 
 def test_a_resume_with_other_training_flags_says_which(tmp_path, capsys):
@@ -811,9 +814,14 @@ def test_sgd_flags_torch_refuses_and_adamw_ignores(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resuming" in err and "--momentum 0.5 is SGD's: adamw ignores it" in err
     assert "--mmd-weight 2.0 is for --target-dataset, which is not given" in err
+    # AdamW's state is the same with or without decay; SGD's is not.
     assert finetune.main(args[:-4] + ["--steps", "4", "--weight-decay", "0",
-                                      "--output-dir", run]) == 2
-    assert "weight_decay: 0.05 there, 0.0 now" in capsys.readouterr().err
+                                      "--output-dir", run]) == 0
+    sgd = base + ["--output-dir", str(tmp_path / "sgd")]
+    assert finetune.main(sgd + ["--steps", "1"]) == 0
+    capsys.readouterr()
+    assert finetune.main(sgd + ["--steps", "2", "--weight-decay", "0"]) == 2
+    assert "weight_decay: 0.0005 there, 0.0 now" in capsys.readouterr().err
 
 
 def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
@@ -826,8 +834,12 @@ def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
         for i in range(6):
             Image.new("RGB", (9 + i, 8), (40 * i, 80, 20)).save(tmp_path / "ds" / c / f"{i}.png")
     args = ["--arch", "mlp", "--dataset", str(tmp_path / "ds"), "--weights", "none",
-            "--image-size", "8", "--batch-size", "4", "--val-fraction", "0.3", "--no-progress",
+            "--image-size", "8", "--batch-size", "4", "--no-progress",
             "--output-dir", str(tmp_path / "run")]
+    # An evaluation first (another split): a run that then starts there writes its own.
+    assert finetune.main(args + ["--steps", "0", "--val-fraction", "0.5"]) == 0
+    assert json.load(open(tmp_path / "run" / "split.json"))["val"] == 6
+    args += ["--val-fraction", "0.3"]
     assert finetune.main(args + ["--steps", "1"]) == 0
     split = json.load(open(tmp_path / "run" / "split.json"))
     assert (split["train"], split["val"]) == (8, 4)

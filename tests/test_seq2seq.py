@@ -179,7 +179,7 @@ def test_a_save_stopped_midway_leaves_the_earlier_run(tmp_path, capsys, monkeypa
     monkeypatch.setattr(ocp.StandardCheckpointer, "save", interrupted)
     assert seq2seq.main(["--steps", "3", "--d-model", "48", "--out", str(out),
                          *TINY[2:]]) == 130
-    assert "interrupted twice" in capsys.readouterr().err
+    assert "interrupted: stopped at once, nothing saved" in capsys.readouterr().err
     model, config = seq2seq.load_checkpoint(str(out))
     assert config == first and sorted(p.name for p in out.iterdir()) == ["checkpoint",
                                                                           "config.json"]

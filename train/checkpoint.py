@@ -66,7 +66,8 @@ class _HeldOutput:
         self._stderr = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
+        if not any(r is record for r in self.records):  # each handler asks: keep it once
+            self.records.append(record)
         return False
 
     def __enter__(self):
@@ -81,12 +82,14 @@ class _HeldOutput:
         for handler in self._handlers:
             handler.removeFilter(self)
 
-    def replay(self) -> None:
-        """Writes what was held back (once)."""
-        if self.text.getvalue():
+    def replay(self, keep=lambda record: True, text: bool = True) -> None:
+        """Writes what was held back (once): the records ``keep`` accepts, and the
+        stderr text unless ``text`` is False."""
+        if text and self.text.getvalue():
             sys.stderr.write(self.text.getvalue())
         for record in self.records:
-            logging.getLogger(record.name).handle(record)
+            if keep(record):
+                logging.getLogger(record.name).handle(record)
         self.text, self.records = io.StringIO(), []
 
 
@@ -221,7 +224,10 @@ class Checkpointer:
                     w in text for w in ("RESOURCE_EXHAUSTED", "Failed writing", "os_error")):
                 held.replay()
                 raise
-            # Orbax's writer threads logged this failure many times over: it is said once.
+            # Orbax's writer threads logged this failure many times over: it is said once
+            # (other loggers' records of the moment are let through).
+            held.replay(keep=lambda r: not r.name.startswith(("absl", "orbax", "asyncio")),
+                        text=False)
             reason = ("no space left on the device" if "No space left" in text or
                       getattr(e, "errno", None) == 28 else one_line(text, 200))
             raise CheckpointWriteError(

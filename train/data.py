@@ -619,11 +619,12 @@ def _list_images(folder: str) -> list[str]:
     """A class folder's images, its subfolders' included, in ImageFolder's order
     (folders in sorted order, each one's files sorted); hidden files and folders
     are left out (ImageFolder would read ``._x.jpg`` and ``.ipynb_checkpoints``)."""
+    folders = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # not walked into
+        folders.append((parent, files))
     found = []
-    for parent, _, files in sorted(os.walk(folder, followlinks=True)):
-        inside = os.path.relpath(parent, folder)
-        if any(part.startswith(".") for part in inside.split(os.sep) if part != "."):
-            continue
+    for parent, files in sorted(folders):  # ImageFolder: sorted(os.walk(...))
         found += [os.path.join(parent, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     return found

@@ -175,11 +175,14 @@ def check_coordinator(address: str, process_id: int) -> None:
         return
     # Process 0 serves the coordination service on every address ([::]:PORT, JAX's
     # default); a port in TIME_WAIT is fine (SO_REUSEADDR), a listening one is not.
-    family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    try:
+        probe, any_address = socket.socket(socket.AF_INET6, socket.SOCK_STREAM), "::"
+    except OSError:  # a host without IPv6
+        probe, any_address = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ""
+    with probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("::" if family == socket.AF_INET6 else "", int(port)))
+            probe.bind((any_address, int(port)))
         except OSError as e:
             raise ValueError(f"coordinator port {port} cannot be served here (process 0 "
                              f"runs the coordination service): {e.strerror}") from None

@@ -335,6 +335,16 @@ def evaluate(eval_step, state, source, batch_size: int, num_workers: int, desc: 
     }
 
 
+def _read_split(path: str) -> dict | None:
+    """A run's ``split.json``, or None where it has none (or an unreadable one)."""
+    try:
+        with open(path) as f:
+            then = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return then if isinstance(then, dict) and {"train", "val"} <= set(then) else None
+
+
 def _skipped(cfg, train_src, val_src, target_loader) -> list[str] | None:
     """With --skip-bad, the image files this process could not decode (noted on stderr)."""
     if not cfg.skip_bad:
@@ -409,11 +419,14 @@ def _check_identity(run_dir: str, cfg, given=None) -> tuple[bool, list[str]]:
     fields = config_lib.EVAL_IDENTITY_FIELDS if cfg.eval_only else config_lib.IDENTITY_FIELDS
     if saved.get("optimizer") == current["optimizer"] == "adamw":  # SGD's flags, unused
         fields = [f for f in fields if f not in ("momentum", "nesterov")]
+    if saved.get("nesterov") and saved.get("momentum") == 0:  # plain SGD, accepted before
+        saved["nesterov"] = False
     diff = [f"{k}: {saved.get(k)!r} there, {current[k]!r} now"
             for k in fields if _same_value(k, saved.get(k)) != _same_value(k, current[k])]
     decay = saved.get("weight_decay"), current["weight_decay"]
-    if not cfg.eval_only and decay[0] is not None and (decay[0] == 0) != (decay[1] == 0):
-        # A rate may change on resume, but decay on or off shapes the optimizer state.
+    if (not cfg.eval_only and current["optimizer"] == "sgd" and decay[0] is not None
+            and (decay[0] == 0) != (decay[1] == 0)):
+        # A rate may change on resume, but SGD's decay on or off shapes its state.
         diff.append(f"weight_decay: {decay[0]!r} there, {decay[1]!r} now")
     if diff:
         raise RunError(f"{run_dir} holds a different run ({'; '.join(diff)}); pass another "
@@ -461,6 +474,8 @@ def _same_value(field: str, value):
     order, a ``--weights`` path however it was spelled."""
     if field == "model_args" and value:
         return sorted((k, repr(v)) for k, v in value)
+    if field == "clip_grad_norm" and not value:  # 0 (accepted before it was refused): off
+        return None
     if field == "weights" and isinstance(value, str) and _is_path(value):
         return os.path.realpath(os.path.expanduser(value))
     return value
@@ -519,7 +534,8 @@ def run(cfg) -> int:
     from train import config as config_lib
     from train import distributed
     from train import optim, steps as steps_lib
-    from train.data import Loader, load_dataset, set_host_transforms, split_fingerprint
+    from train.data import (DataError, Loader, load_dataset, set_host_transforms,
+                            split_fingerprint)
     from train.metrics import MetricsLog
 
     started = time.time()
@@ -655,9 +671,8 @@ def run(cfg) -> int:
                                    + "; ".join(changed), file=sys.stderr)
     state = distributed.replicate(state, mesh)
     split_path, split = os.path.join(run_dir, "split.json"), split_fingerprint(train_src, val_src)
-    if is_run and os.path.exists(split_path):
-        with open(split_path) as f:
-            then = json.load(f)
+    then = _read_split(split_path) if is_run else None
+    if then is not None:
         if then != split:
             distributed.print0(
                 f"note: the dataset's split is not the one this run started with ({then['train']} "
@@ -666,9 +681,10 @@ def run(cfg) -> int:
                 + "): validation images may have been trained on", file=sys.stderr)
     if main and not (cfg.eval_only and is_run):  # an evaluation keeps the run's config
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
-        if not os.path.exists(split_path):  # the split the run started with
-            with open(split_path, "w") as f:
+        if not is_run:  # the split a new run starts with (a run from before has none)
+            with open(split_path + ".tmp", "w") as f:
                 json.dump(split, f)
+            os.replace(split_path + ".tmp", split_path)
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
             **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
@@ -767,8 +783,9 @@ def run(cfg) -> int:
                     try:
                         res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
                                        progress=cfg.progress, mesh=mesh)
-                    except Exception:  # an unreadable val image: the epoch's training is kept
-                        checkpointer.save(step, state, meta(step))
+                    except DataError:  # an unreadable val image: the epoch's training is kept
+                        if pcount == 1:  # (a save is collective: the others are elsewhere)
+                            checkpointer.save(step, state, meta(step))
                         raise
                     if metrics_log is not None:
                         metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
@@ -812,7 +829,8 @@ def run(cfg) -> int:
         if main:
             print(_finish(run_dir, result, val_src, metrics_log, step, time.time() - started,
                           _skipped(cfg, train_src, val_src, target_loader),
-                          run_seconds=seconds_before + time.time() - started))
+                          run_seconds=(seconds_before + time.time() - started
+                                       if restored else None)))
     if metrics_log is not None:
         metrics_log.close()
     checkpointer.close()
@@ -876,14 +894,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _peer_lost(error: BaseException) -> bool:
     """Whether an error of a multi-process run says another process is gone: a failed
-    collective (``JaxRuntimeError``, or the ``ValueError`` of Orbax's barrier) or the
-    coordination service's report."""
-    import jax
-
+    collective (a ``JaxRuntimeError``, or the ``ValueError`` of Orbax's barrier) or the
+    coordination service's report (other errors, an out-of-memory one, keep their
+    traceback)."""
     text = str(error)
-    return isinstance(error, jax.errors.JaxRuntimeError) or any(
-        w in text for w in ("Gloo", "Connection closed by peer", "heartbeat",
-                            "coordination service"))
+    return any(w in text for w in ("Gloo", "Connection closed by peer", "Connection reset by peer",
+                                   "heartbeat", "coordination service", "Socket closed"))
 
 
 def _report_compile_cache() -> None:

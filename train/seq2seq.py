@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -454,10 +455,16 @@ def save_checkpoint(model: Seq2SeqTransformer, config: Config) -> str:
                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
             ckptr.wait_until_finished()
         shutil.rmtree(previous, ignore_errors=True)
-        if os.path.exists(path):
-            os.rename(path, previous)
-        os.rename(os.path.join(staging, "checkpoint"), path)
-        os.replace(os.path.join(staging, "config.json"), os.path.join(out, "config.json"))
+        # No Ctrl-C between the renames (a kill there leaves the old model in
+        # .previous-checkpoint, which load_checkpoint falls back to).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            if os.path.exists(path):
+                os.rename(path, previous)
+            os.rename(os.path.join(staging, "checkpoint"), path)
+            os.replace(os.path.join(staging, "config.json"), os.path.join(out, "config.json"))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -495,8 +502,11 @@ def load_checkpoint(run_dir: str) -> tuple[Seq2SeqTransformer, Config]:
     params = nnx.state(model, nnx.Param)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                           nnx.to_pure_dict(params))
+    path = os.path.join(run_dir, "checkpoint")
+    if not os.path.exists(path) and os.path.exists(os.path.join(run_dir, ".previous-checkpoint")):
+        path = os.path.join(run_dir, ".previous-checkpoint")  # a save killed between renames
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(run_dir, "checkpoint"), target)
+        restored = ckptr.restore(path, target)
     nnx.replace_by_pure_dict(params, restored)
     nnx.update(model, params)
     model.eval()
@@ -590,9 +600,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prepare_cpu()  # before jax starts: jaxnets/hostmem.py, jaxnets/xla_cpu.py
     config = parse_args(argv)
-    if config.warmup_steps >= config.steps:
-        print(f"note: --warmup-steps {config.warmup_steps} is not below the run's "
-              f"{config.steps} steps: the warmup is cut to {config.steps - 1}", file=sys.stderr)
     try:  # before the first compilation
         compile_cache.enable(config.compile_cache)
     except compile_cache.CompileCacheError as e:
@@ -607,13 +614,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if config.warmup_steps >= config.steps:
+        print(f"note: --warmup-steps {config.warmup_steps} is not below the run's "
+              f"{config.steps} steps: the warmup is cut to {config.steps - 1}", file=sys.stderr)
     try:
         result = train(config)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: at once, an earlier run left as it was
-        print("interrupted twice: stopped at once, nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training): at once
+        print("interrupted: stopped at once, nothing saved (an earlier run in --out is left "
+              "as it was)", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.stopped_at is not None:
         saved = (f"the model so far saved in {result.checkpoint}" if result.checkpoint
