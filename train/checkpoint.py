@@ -329,13 +329,11 @@ def write_model_info(run_dir: str, arch: str, num_classes: int, overrides: dict)
     (registry name, class count, constructor options, those the pretrained
     weights needed included), so that its checkpoints can be read without the
     dataset or the weights."""
-    path = os.path.join(run_dir, MODEL_INFO)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"arch": arch, "num_classes": int(num_classes),
-                   "model_overrides": dict(overrides)}, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from train.config import write_json
+
+    write_json(os.path.join(run_dir, MODEL_INFO), {
+        "arch": arch, "num_classes": int(num_classes), "model_overrides": dict(overrides)},
+        sort_keys=True)
 
 
 class RunWeights(NamedTuple):

@@ -533,6 +533,22 @@ def check_output_dir(path: str, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: no permission to create it in {parent}")
 
 
+def write_json(path: str, value: Any, sort_keys: bool = False) -> None:
+    """Writes ``value`` as indented JSON by a temporary file and a rename: a reader,
+    or a run killed meanwhile, never sees half a file.
+
+    Args:
+        path: Target file.
+        value: A JSON-serialisable value.
+        sort_keys: Sort the keys of objects.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def save(cfg: Config, path: str) -> None:
     """Writes the config as JSON (atomically: temp file + rename).
 
@@ -540,10 +556,7 @@ def save(cfg: Config, path: str) -> None:
         cfg: The resolved config.
         path: Target file.
     """
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json() + "\n")
-    os.replace(tmp, path)
+    write_json(path, dataclasses.asdict(cfg), sort_keys=True)
 
 
 def load(path: str) -> dict[str, Any]:

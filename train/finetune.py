@@ -360,6 +360,7 @@ def _skipped(cfg, train_src, val_src, target_loader) -> list[str] | None:
 
 def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds: float,
             skipped: list[str] | None = None, run_seconds: float | None = None) -> str:
+    from train import config as config_lib
     from train import metrics as metrics_lib
 
     cm = metrics_lib.confusion_matrix(result["labels"], result["preds"], source.num_classes)
@@ -375,10 +376,7 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
         summary["run_seconds"] = round(run_seconds, 1)  # last checkpoints)
     if skipped is not None:  # --skip-bad: the files this process could not decode
         summary["skipped_files"] = skipped
-    tmp = os.path.join(run_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "summary.json"))
+    config_lib.write_json(os.path.join(run_dir, "summary.json"), summary)
     return (f"val top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
             f"loss {result['loss']:.4f}  ({result['count']} images, step {step}, "
             f"{seconds:.0f}s)  -> {run_dir}")
@@ -682,9 +680,7 @@ def run(cfg) -> int:
     if main and not (cfg.eval_only and is_run):  # an evaluation keeps the run's config
         config_lib.save(cfg, os.path.join(run_dir, "config.json"))
         if not is_run:  # the split a new run starts with (a run from before has none)
-            with open(split_path + ".tmp", "w") as f:
-                json.dump(split, f)
-            os.replace(split_path + ".tmp", split_path)
+            config_lib.write_json(split_path, split)
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
             **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
