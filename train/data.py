@@ -221,27 +221,14 @@ def train_storage(crop_size: int, resize_size: int, interpolation: str) -> HostT
     return HostTransform("fit", size, interpolation=interpolation)
 
 
-def fit_storage(image: Any, size: int) -> np.ndarray:
-    """Resizes a PIL image so its shorter side is ``size``, keeping the central square.
-
-    Args:
-        image: PIL image (any mode; ``jaxnets.imageio.to_rgb``).
-        size: Output side length.
-
-    Returns:
-        uint8 ``[size, size, 3]``.
-    """
-    return HostTransform("square", size)(image)
-
-
 def decode_image(path: str, size: int | HostTransform) -> np.ndarray:
     """Decodes an image file to uint8 ``[size, size, 3]`` (``decode_image_extent``
     also gives a ``"fit"`` transform's extent).
 
     Args:
         path: Image file.
-        size: A ``HostTransform``, or the side of a ``"square"`` one (see
-            ``fit_storage``).
+        size: A ``HostTransform``, or the side of a ``"square"`` one (the
+            shorter side resized to it, the central square kept).
 
     Returns:
         The decoded, shaped image.
