@@ -98,8 +98,15 @@ def _parser() -> argparse.ArgumentParser:
                         "checkpoint of a model built with options (a run or a converted "
                         "directory names its own)")
 
-    w = sub.add_parser("weights", help="list the pretrained weights names")
-    w.add_argument("--arch", default=None, help="only this arch")
+    w = sub.add_parser(
+        "weights", help="list the pretrained weights names",
+        description="Lists torchvision's pretrained weights for the registered archs: name "
+                    "(* marks the arch's DEFAULT, what --weights DEFAULT or a bare arch "
+                    "name picks), ImageNet top-1/top-5, the evaluation preprocessing "
+                    "(resize, crop, interpolation) and the file size.")
+    w.add_argument("archs", nargs="*", metavar="ARCH", help="only these archs")
+    w.add_argument("--arch", default=None, help="only this arch (as ARCH)")
+    w.add_argument("--urls", action="store_true", help="also print each file's URL")
     # Listed for --help only: main() hands "verify ..." to porting.verify before parsing.
     sub.add_parser("verify", help="parity of a model with torch (python -m porting.verify "
                                   "--help)", add_help=False)
@@ -318,16 +325,35 @@ def _export(args: argparse.Namespace) -> None:
 def _weights(args: argparse.Namespace) -> None:
     from porting.weights import get_weights, list_weights
 
-    names = list_weights(args.arch)
-    if args.arch is not None and not names:
-        import jaxnets
+    archs = list(dict.fromkeys(args.archs + ([args.arch] if args.arch else [])))
+    names = []
+    for arch in archs:
+        found = list_weights(arch)
+        if not found:
+            import jaxnets
 
-        jaxnets.get_spec(args.arch)  # an unknown name: the registry's error, with suggestions
-        raise CliError(f"{args.arch} has no pretrained weights in the table (torchvision "
-                       "publishes none for it)")
-    for name in names:
-        w = get_weights(name)
-        print(f"{name:40s} acc@1={w.metrics.get('acc@1')} {w.url}")
+            jaxnets.get_spec(arch)  # an unknown name: the registry's error, with suggestions
+            raise CliError(f"{arch} has no pretrained weights in the table (torchvision "
+                           "publishes none for it)")
+        names += found
+    rows = [("name", "top-1", "top-5", "eval resize/crop", "MB")]
+    for spec in names if archs else list_weights():
+        w = get_weights(spec)
+        default = get_weights(w.arch) == w
+        t = w.transforms
+        top1, top5 = (w.metrics.get(k) for k in ("acc@1", "acc@5"))
+        rows.append((spec + (" *" if default else ""),
+                     "-" if top1 is None else f"{top1:.3f}",
+                     "-" if top5 is None else f"{top5:.3f}",
+                     f"{t.resize_size}/{t.crop_size} {t.interpolation}",
+                     "-" if w.file_size_mb is None else f"{w.file_size_mb:.0f}")
+                    + ((w.url,) if args.urls else ()))
+    if args.urls:
+        rows[0] += ("url",)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(n) for c, n in zip(r, widths)) + "  " + r[-1])
+    print("* DEFAULT: what --weights DEFAULT (or the arch name alone) loads")
 
 
 def _verify(argv: list[str]) -> int:

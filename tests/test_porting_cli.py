@@ -160,6 +160,24 @@ def test_bad_inputs_are_one_line_errors(converted, capsys, tmp_path):
     assert keep.read_text() == "mine"
 
 
+def test_weights_lists_names_marks_default_and_preprocessing(capsys):
+    assert main(["weights", "resnet50", "--arch", "vit_b_16"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out[1:-1]}
+    assert list(rows) == ["resnet50.IMAGENET1K_V1", "resnet50.IMAGENET1K_V2",
+                          "vit_b_16.IMAGENET1K_SWAG_E2E_V1",
+                          "vit_b_16.IMAGENET1K_SWAG_LINEAR_V1", "vit_b_16.IMAGENET1K_V1"]
+    # torchvision's own DEFAULT members, and nothing else, carry the mark.
+    defaults = {f"resnet50.{torchvision.models.ResNet50_Weights.DEFAULT.name}",
+                f"vit_b_16.{torchvision.models.ViT_B_16_Weights.DEFAULT.name}"}
+    assert {n for n, line in rows.items() if line.split()[1] == "*"} == defaults
+    assert "232/224 bilinear" in rows["resnet50.IMAGENET1K_V2"]
+    assert "384/384 bicubic" in rows["vit_b_16.IMAGENET1K_SWAG_E2E_V1"]
+    assert "80.858" in rows["resnet50.IMAGENET1K_V2"] and "https:" not in out[1]
+    assert main(["weights", "alexnet", "--urls"]) == 0
+    assert "alexnet-owt-7be5be79.pth" in capsys.readouterr().out
+
+
 def test_weights_of_a_model_without_any(capsys):
     assert "lenet5 has no pretrained weights" in _error(capsys, ["weights", "--arch", "lenet5"])
     assert "unknown model 'lenet6'" in _error(capsys, ["weights", "--arch", "lenet6"])
