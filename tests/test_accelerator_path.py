@@ -149,11 +149,13 @@ def test_verify_cli_says_which_path(capsys):
 
 
 @pytest.mark.parametrize("arch, size", [("lenet5", 32), ("resnet18_cifar", 32),
-                                        ("googlenet", 48)])
+                                        ("resnet18_cifar", 12)])
 def test_jax_export_with_a_symbolic_batch(arch, size):
     # Serialising a model for any batch size (jax.export, "b, H, W, C"): the CPU
     # detours' shape tests cannot decide a symbolic batch ("1024*b >= 2048" raised),
-    # so lax's operations are traced, and give the model's results.
+    # so lax's operations are traced, and give the model's results. At 12 px the last
+    # stages' maps (3x3, 2x2) are shorter than or as short as the kernels, the case of
+    # the patches detour.
     from flax import nnx
 
     import jaxnets
