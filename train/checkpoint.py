@@ -324,16 +324,19 @@ class Checkpointer:
 MODEL_INFO = "model.json"
 
 
-def write_model_info(run_dir: str, arch: str, num_classes: int, overrides: dict) -> None:
+def write_model_info(run_dir: str, arch: str, num_classes: int, overrides: dict,
+                     classes: list[str] | None = None) -> None:
     """Writes ``model.json`` into a run directory: what builds the run's model
     (registry name, class count, constructor options, those the pretrained
     weights needed included), so that its checkpoints can be read without the
-    dataset or the weights."""
+    dataset or the weights, and the name of each output (``classes``, for
+    ``train.predict``)."""
     from train.config import write_json
 
-    write_json(os.path.join(run_dir, MODEL_INFO), {
-        "arch": arch, "num_classes": int(num_classes), "model_overrides": dict(overrides)},
-        sort_keys=True)
+    info = {"arch": arch, "num_classes": int(num_classes), "model_overrides": dict(overrides)}
+    if classes is not None:
+        info["classes"] = [str(c) for c in classes]
+    write_json(os.path.join(run_dir, MODEL_INFO), info, sort_keys=True)
 
 
 class RunWeights(NamedTuple):

@@ -683,7 +683,8 @@ def run(cfg) -> int:
             config_lib.write_json(split_path, split)
         # What builds this model again (python -m porting export RUN_DIR).
         ckpt_lib.write_model_info(run_dir, cfg.arch, num_classes, {
-            **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)})
+            **getattr(weights_meta, "model_overrides", {}), **_model_overrides(cfg, spec)},
+            classes=train_src.class_names)
     if restored:
         load_report = f"step {start_step} of this run"
     elif cfg.eval_only and cfg.weights.lower() == "none":

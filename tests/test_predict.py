@@ -1,0 +1,166 @@
+"""Tests for ``python -m train.predict``: a run's model, torchvision's weights and a
+checkpoint file classify image files as torch / ``train.finetune``'s evaluation do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import finetune
+from train.predict import main
+
+
+def _image(path, w, h, seed):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 3 + 2, w // 3 + 2, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run directory, dataset folder) of a 2-step LeNet-5 run on a folder of 3 classes."""
+    root = tmp_path_factory.mktemp("predict")
+    sizes = [(40, 31), (31, 40), (33, 33), (60, 25)]
+    for c, name in enumerate(("cat", "dog", "owl")):
+        (root / "ds" / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(sizes):
+            _image(root / "ds" / name / f"{i}.{'jpg' if i % 2 else 'png'}", w, h, 10 * c + i)
+    assert finetune.main(["--arch", "lenet5", "--dataset", str(root / "ds"), "--weights", "none",
+                          "--steps", "2", "--batch-size", "4", "--val-fraction", "0.5",
+                          "--resize-size", "36", "--no-progress",
+                          "--output-dir", str(root / "run")]) == 0
+    return root / "run", root / "ds"
+
+
+@pytest.mark.xdist_group("predict-run")  # one worker builds the run for both
+def test_a_run_predicts_what_its_evaluation_gave(run, tmp_path, capsys):
+    from train.data import load_dataset
+
+    run_dir, ds = run
+    capsys.readouterr()
+    evaluated = np.load(run_dir / "predictions.npz")
+    val = load_dataset(str(ds), split="val", val_fraction=0.5)
+    files = [val.files[i] for i in evaluated["index"]]
+    out = tmp_path / "p.json"
+    assert main(files + ["--weights", str(run_dir), "--top", "2", "--batch-size", "4",
+                         "--json", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    got = json.loads(out.read_text())
+    assert [p["path"] for p in got["predictions"]] == files and len(lines) == len(files) == 6
+    # The same host resize (36) and crop (32), luma and normalisation as the run's own
+    # evaluation: the same logits.
+    np.testing.assert_allclose([p["logits"] for p in got["predictions"]],
+                               evaluated["logits"], rtol=1e-5, atol=1e-5)
+    assert got["class_names"] == ["cat", "dog", "owl"]
+    assert got["preprocessing"]["resize_size"] == 36 and got["preprocessing"]["image_size"] == 32
+    for p, pred, line in zip(got["predictions"], evaluated["pred"], lines):
+        assert [t["index"] for t in p["top"]][0] == pred and len(p["top"]) == 2
+        assert p["top"][0]["prob"] >= p["top"][1]["prob"]
+        assert line == (f"{p['path']}: {p['top'][0]['name']} {100 * p['top'][0]['prob']:.1f}%, "
+                        f"{p['top'][1]['name']} {100 * p['top'][1]['prob']:.1f}%")
+    # A folder: its images, recursively, in ImageFolder's order.
+    assert main([str(ds), "--weights", str(run_dir), "--step", "best", "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 12
+
+
+@pytest.mark.xdist_group("predict-run")
+def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    run_dir, ds = run
+    image = str(ds / "cat" / "0.png")
+    out = tmp_path / "keep.json"
+    out.write_text("mine")
+
+    def error(args):
+        capsys.readouterr()
+        assert main(args + ["--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: "), err
+        return err[-1]
+
+    weights = ["--weights", str(run_dir)]
+    assert "nope.png: no such file or folder" in error([str(tmp_path / "nope.png")] + weights)
+    (tmp_path / "empty").mkdir()
+    assert "no image files in this folder" in error([str(tmp_path / "empty")] + weights)
+    assert "a run of lenet5, not --arch resnet18" in error([image, "--arch", "resnet18"] + weights)
+    assert "--model-arg is not for a run" in error([image, "--model-arg", "dropout=0.1"] + weights)
+    assert "--step must be a step number" in error([image, "--step", "last"] + weights)
+    assert "needs --arch" in error([image, "--weights", "DEFAULT"])
+    assert "unknown model 'resnet181'" in error([image, "--arch", "resnet181",
+                                                 "--weights", "DEFAULT"])
+    assert "not a torchvision weights name of resnet18" in error(
+        [image, "--arch", "resnet18", "--weights", "IMAGENET9K"])
+    assert "--step is for a train.finetune run" in error(
+        [image, "--arch", "resnet18", "--weights", "DEFAULT", "--step", "3"])
+    assert "is for resnet50, not --arch resnet18" in error(
+        [image, "--arch", "resnet18", "--weights", "resnet50.IMAGENET1K_V2"])
+    assert "--mean needs 1 value(s)" in error([image, "--mean", "0.5,0.5,0.5"] + weights)
+    assert "lenet5 cannot take --image-size 40" in error([image, "--image-size", "40"] + weights)
+    assert "not a file in an existing, writable folder" in error(
+        [image, "--json", str(tmp_path)] + weights)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    msg = error([image, str(bad), "--json", str(out)] + weights)
+    assert "cannot decode image" in msg and str(bad) in msg and "--skip-bad" in msg
+    assert out.read_text() == "mine"
+    assert main([image, str(bad), "--skip-bad", "--json", str(out), "--no-progress"]
+                + weights) == 0
+    assert json.loads(out.read_text())["skipped"] == [str(bad)]
+    assert f"left out 1 image file(s) that cannot be decoded: {bad}" in capsys.readouterr().err
+
+
+def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, capsys):
+    """``--weights DEFAULT`` (a random state_dict in torch hub's cache under the published
+    file name: nothing is downloaded) classifies with the weights' categories and
+    preprocessing; the same state_dict as a file gives the same logits, indices as names."""
+    import torch
+    import torchvision
+    from torchvision.datasets.folder import default_loader
+
+    from porting import hub
+    from porting.parity import randomize_torch_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("JAXNETS_CACHE", str(tmp_path / "jaxnets"))
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    randomize_torch_model(model, seed=0)
+    model.eval()
+    hub_dir = hub.hub_checkpoints_dir()
+    hub_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), hub_dir / weights.url.rsplit("/", 1)[-1])
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    files = [str(tmp_path / "wide.jpg"), str(tmp_path / "tall.png")]
+    _image(files[0], 300, 230, 1)
+    _image(files[1], 200, 260, 2)
+    with torch.no_grad():
+        want = model(torch.stack([weights.transforms()(default_loader(f)) for f in files]))
+    want = want.numpy()
+
+    capsys.readouterr()
+    out = tmp_path / "named.json"
+    assert main(files + ["--arch", "resnet18", "--weights", "DEFAULT", "--top", "3",
+                         "--json", str(out), "--no-progress"]) == 0
+    named = json.loads(out.read_text())
+    logits = np.array([p["logits"] for p in named["predictions"]])
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    for p, row in zip(named["predictions"], want):
+        top = np.argsort(-row)[:3]
+        assert [t["index"] for t in p["top"]] == list(top)
+        assert [t["name"] for t in p["top"]] == [weights.meta["categories"][i] for i in top]
+    assert named["preprocessing"]["resize_size"] == 256
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{files[0]}: {weights.meta['categories'][np.argmax(want[0])]} ")
+
+    out = tmp_path / "pth.json"
+    assert main(files + ["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
+                         "--json", str(out), "--no-progress"]) == 0
+    from_file = json.loads(out.read_text())
+    np.testing.assert_allclose([p["logits"] for p in from_file["predictions"]], logits,
+                               rtol=1e-6, atol=1e-6)
+    assert from_file["class_names"] is None
+    assert from_file["predictions"][0]["top"][0]["name"] == str(np.argmax(want[0]))
+    assert "no class names: indices shown" in capsys.readouterr().err

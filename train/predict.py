@@ -1,0 +1,494 @@
+"""``python -m train.predict``: classify image files with a fine-tuned run, torchvision's
+pretrained weights, or a checkpoint file.
+
+    python -m train.predict --weights runs/resnet18-flowers photo.jpg more_photos/
+    python -m train.predict --arch resnet50 --weights DEFAULT photo.jpg --top 3
+    python -m train.predict --arch resnet18 --weights model.pth photo.jpg --json out.json
+
+Each image gets the model's evaluation input as ``train.finetune`` (and torchvision's
+``ImageClassification`` preset) makes it: the shorter side resized on the host with PIL
+(``--resize-size``, the weights' interpolation), the central ``--image-size`` square,
+then normalised with ``--mean``/``--std``. What these are unless given: a run's own
+(its ``config.json``), named weights' published transforms, else ImageNet's (resize
+256 for a 224 crop at the model's default input size). The class names: a run's
+(recorded in its ``model.json`` since this program exists), named weights' categories,
+else the class indices.
+
+One line per image on stdout, ``PATH: NAME PROB%, ...`` (the ``--top`` most probable
+classes, softmax of the logits in float32); ``--json`` writes every image's top classes,
+probabilities and logits, and how the model was read and the images shaped. Bad input
+(an unknown arch, weights that do not fit it, a missing path, an image that cannot be
+decoded without ``--skip-bad``) is one ``error:`` line and exit status 2; nothing is
+written then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Preprocessing", "LoadedModel", "load", "find_images", "main", "predict"]
+
+EXIT_BAD_INPUT = 2
+
+
+class PredictError(Exception):
+    """Bad input: reported by ``main`` as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """The model's evaluation input: torchvision's ``Resize(resize_size)`` of the
+    shorter side, ``CenterCrop(image_size)``, ``Normalize(mean, std)``."""
+
+    image_size: int
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to classify: in eval mode, with what its input and outputs mean."""
+
+    model: Any
+    arch: str
+    source: str  # where the weights came from, one line
+    preprocessing: Preprocessing
+    class_names: list[str] | None  # None: the outputs have no recorded names
+    channels: int
+
+
+# --------------------------------------------------------------------------
+# The model.
+
+
+def _imagenet_preprocessing(spec, transforms=None) -> Preprocessing:
+    """Named weights' transforms, else ImageNet's at the model's default input size."""
+    from train.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    if transforms is not None:
+        return Preprocessing(int(transforms.crop_size), int(transforms.resize_size),
+                             transforms.interpolation, tuple(transforms.mean),
+                             tuple(transforms.std))
+    size = spec.input_size[0]
+    if spec.kind == "vector":  # a flattened square image
+        size = math.isqrt(size // spec.in_channels)
+    mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    if spec.in_channels == 1:  # luma, as train.config.resolve does
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return Preprocessing(size, round(size * 256 / 224), "bilinear", mean, std)
+
+
+def _run_model(path: str, arch: str | None, step) -> LoadedModel:
+    """A ``train.finetune`` run's checkpoint, with the run's preprocessing and classes."""
+    import jaxnets
+    from train import checkpoint as ckpt_lib
+
+    try:
+        weights = ckpt_lib.read_run_weights(path, step, fall_back=step is None)
+        if weights.arch is None:
+            raise PredictError(f"--weights {path}: the run does not say its arch (no "
+                               "model.json or config.json)")
+        if arch is not None and weights.arch != arch:
+            raise PredictError(f"--weights {path}: a run of {weights.arch}, not --arch {arch}")
+        model = ckpt_lib.model_of(weights)
+    except ckpt_lib.CheckpointError as e:
+        raise PredictError(f"--weights {path}: {e}") from None
+    spec = jaxnets.get_spec(weights.arch)
+    run_dir = os.path.dirname(os.path.dirname(weights.directory))
+    saved, info = _read_json(run_dir, "config.json"), _read_json(run_dir, "model.json")
+    default = _imagenet_preprocessing(spec)
+    pre = Preprocessing(
+        int(saved.get("image_size") or default.image_size),
+        int(saved.get("resize_size") or saved.get("image_size") or default.resize_size),
+        saved.get("interpolation") or default.interpolation,
+        tuple(saved.get("mean") or default.mean), tuple(saved.get("std") or default.std))
+    names = info.get("classes")
+    if names is None and saved.get("dataset") == "digits":
+        names = [str(i) for i in range(10)]
+    return LoadedModel(model, weights.arch, f"step {weights.step} of the run {run_dir}", pre,
+                       _names(names, weights.num_classes), spec.in_channels)
+
+
+def _read_json(folder: str, name: str) -> dict:
+    try:
+        with open(os.path.join(folder, name)) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _names(names, num_classes: int | None) -> list[str] | None:
+    if isinstance(names, list) and num_classes is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    return None
+
+
+def load(weights: str, arch: str | None = None, *, step: int | str | None = None,
+         model_args: dict | None = None, progress: bool = True) -> LoadedModel:
+    """Reads the model ``--weights`` names, in eval mode.
+
+    Args:
+        weights: A ``train.finetune`` run directory (or its ``checkpoints`` folder, or
+            one step directory), a directory ``porting convert`` wrote, a ``.pth`` /
+            ``.safetensors`` file, or a torchvision weights name (``DEFAULT``,
+            ``IMAGENET1K_V2``, ``resnet50.IMAGENET1K_V2``).
+        arch: The registered name; a run, a converted directory and ``ARCH.NAME``
+            weights say their own (a different ``arch`` is an error).
+        step: A run's step (``"best"``: the best by validation top-1); None: the
+            newest readable one.
+        model_args: Constructor options (not for a run: it records its own).
+        progress: Show a bar while named weights download.
+
+    Returns:
+        The ``LoadedModel``.
+
+    Raises:
+        PredictError: Naming what does not fit.
+    """
+    import jaxnets
+    from porting import pretrained
+    from porting.weights import get_weights
+    from train import checkpoint as ckpt_lib
+
+    model_args = dict(model_args or {})
+    path = os.path.expanduser(weights)
+    converted = os.path.isdir(path) and pretrained.is_converted(path)
+    if not converted and ckpt_lib.locate_run(path) is not None:
+        if model_args:
+            raise PredictError("--model-arg is not for a run: it records its own options")
+        return _run_model(path, arch, step)
+    if step is not None:
+        raise PredictError("--step is for a train.finetune run's checkpoints; --weights "
+                           f"{weights} is not a run")
+    named = None
+    if converted:
+        meta = _read_json(path, "jaxnets.json")
+        arch = _same_arch(arch, meta.get("arch"), f"--weights {weights} (converted)")
+        if isinstance(meta.get("weights"), str):
+            named = _lookup(get_weights, meta["weights"], meta.get("arch"))
+    elif pretrained.is_weights_path(weights):
+        if not os.path.exists(path):
+            raise PredictError(f"--weights {weights}: no such file or directory")
+    else:
+        named_arch = weights.partition(".")[0] if "." in weights else None
+        arch = _same_arch(arch, named_arch, f"--weights {weights}")
+        if arch is None:
+            raise PredictError(f"--weights {weights} needs --arch (or ARCH.{weights})")
+        jaxnets.get_spec(arch)
+        named = _lookup(get_weights, weights if named_arch else f"{arch}.{weights}", arch)
+        if named is None:
+            raise PredictError(f"--weights {weights}: no such file, and not a torchvision "
+                               f"weights name of {arch} (python -m porting weights {arch})")
+    if arch is None:
+        raise PredictError(f"--weights {weights} needs --arch")
+    spec = jaxnets.get_spec(arch)
+    if spec.kind not in ("image", "vector"):
+        raise PredictError(f"--arch {arch} is not an image classifier")
+    try:
+        model, report = pretrained.load_torchvision(
+            arch, named.spec if named is not None and not converted else path,
+            progress=progress, **model_args)
+    except jaxnets.UnknownModelError:
+        raise
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: DownloadError
+        from jaxnets.cli import one_line
+
+        raise PredictError(f"--weights {weights}: {one_line(e, 600)}") from None
+    model.eval()
+    num_classes = pretrained.head_classes(model, arch)
+    categories = None if named is None or named.categories is None else list(named.categories)
+    pre = _imagenet_preprocessing(spec, None if named is None else named.transforms)
+    return LoadedModel(model, arch, f"{weights} ({report})", pre,
+                       _names(categories, num_classes), spec.in_channels)
+
+
+def _same_arch(given: str | None, found: str | None, what: str) -> str | None:
+    if given is not None and found is not None and given != found:
+        raise PredictError(f"{what} is for {found}, not --arch {given}")
+    return given or found
+
+
+def _lookup(get_weights, spec: str, arch: str | None):
+    try:
+        return get_weights(spec)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# The images.
+
+
+def find_images(paths: Sequence[str]) -> list[str]:
+    """The image files named: files as given, folders' images (recursively, in
+    ``ImageFolder``'s order, hidden ones left out).
+
+    Raises:
+        PredictError: A path that does not exist, or a folder without images.
+    """
+    from train.data import _list_images
+
+    found = []
+    for p in paths:
+        path = os.path.expanduser(p)
+        if os.path.isdir(path):
+            images = _list_images(path)
+            if not images:
+                raise PredictError(f"{p}: no image files in this folder")
+            found += images
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise PredictError(f"{p}: no such file or folder")
+    return found
+
+
+def predict(loaded: LoadedModel, paths: Sequence[str], *, top: int = 5,
+            batch_size: int = 16, skip_bad: bool = False, progress: bool = True
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Classifies image files.
+
+    Args:
+        loaded: From ``load``.
+        paths: Image files.
+        top: Classes kept per image (at most the class count).
+        batch_size: Images per forward pass (the last batch is padded: one compile).
+        skip_bad: Leave out files that cannot be decoded (returned) instead of failing.
+        progress: Show a bar.
+
+    Returns:
+        ``(results, skipped)``: per image ``{"path", "top": [{"index", "name", "prob"}],
+        "logits"}``, in the order of ``paths``; and the files left out.
+
+    Raises:
+        PredictError: A file that cannot be decoded (without ``skip_bad``).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train.augment import AugmentConfig, eval_transform
+    from train.data import DataError, HostTransform, decode_image
+    from train.distributed import progress as bar_of
+
+    pre = loaded.preprocessing
+    host = HostTransform("eval", pre.image_size, pre.resize_size, pre.interpolation)
+    augment = AugmentConfig(crop_size=pre.image_size, resize_size=pre.resize_size,
+                            mean=pre.mean, std=pre.std, channels=loaded.channels,
+                            interpolation=pre.interpolation, eval_prepared=True)
+    graphdef, state = nnx.split(loaded.model)
+
+    @jax.jit
+    def forward(state, images):
+        logits = nnx.merge(graphdef, state)(eval_transform(images, augment))
+        logits = logits.astype(jnp.float32)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    results, skipped = [], []
+    batch: list[tuple[str, np.ndarray]] = []
+
+    def flush():
+        images = np.stack([x for _, x in batch])
+        pad = batch_size - len(batch)
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        logits, probs = (np.asarray(a)[: len(batch)] for a in forward(state, images))
+        k = min(top, logits.shape[-1])
+        for (path, _), row, p in zip(batch, logits, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            results.append({"path": path, "logits": row.tolist(), "top": [
+                {"index": int(i), "name": _name(loaded.class_names, int(i)),
+                 "prob": float(p[i])} for i in order]})
+        batch.clear()
+
+    with bar_of(paths, desc="predict", unit="img", leave=False,
+                disable=not progress or len(paths) <= batch_size) as bar:
+        for path in bar:
+            try:
+                batch.append((path, decode_image(path, host)))
+            except DataError as e:
+                if not skip_bad:
+                    raise PredictError(f"{e} (--skip-bad leaves such files out)") from None
+                skipped.append(path)
+                continue
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    return results, skipped
+
+
+def _name(names: list[str] | None, index: int) -> str:
+    return str(index) if names is None else names[index]
+
+
+# --------------------------------------------------------------------------
+# The command line.
+
+
+def _parser():
+    import argparse
+
+    from jaxnets import compile_cache
+    from jaxnets.cli import ArgumentParser, model_arg_type
+    from train.config import _floats, _positive_int
+
+    p = ArgumentParser(
+        prog="python -m train.predict",
+        description="Classify image files with a train.finetune run, torchvision's "
+                    "pretrained weights or a checkpoint file: one line per image with its "
+                    "most probable classes.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or folders (their images, recursively)")
+    p.add_argument("--weights", required=True,
+                   help="a train.finetune run directory, a directory `porting convert` "
+                        "wrote, a .pth/.safetensors file, or torchvision weights (DEFAULT, "
+                        "IMAGENET1K_V2, resnet50.IMAGENET1K_V2; python -m porting weights)")
+    p.add_argument("--arch", default=None,
+                   help="registered model name (a run or a converted directory says its own)")
+    p.add_argument("--step", default=None,
+                   help="a run's checkpoint step, or 'best' (default: the newest)")
+    p.add_argument("--top", type=_positive_int, default=5,
+                   help="classes shown per image (default: 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per forward pass (default: 16)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="center crop side (default: the run's, the weights', else the "
+                        "model's default input)")
+    p.add_argument("--resize-size", type=_positive_int, default=None,
+                   help="shorter side before the crop (default: the run's, the weights', "
+                        "else 256/224 of the crop)")
+    p.add_argument("--interpolation", choices=("bilinear", "bicubic"), default=None,
+                   help="resize filter (default: the run's, the weights', else bilinear)")
+    p.add_argument("--mean", type=_floats, default=None,
+                   help="normalisation mean per channel, comma-separated (default: the "
+                        "run's, the weights', else ImageNet's)")
+    p.add_argument("--std", type=_floats, default=None,
+                   help="normalisation std per channel, comma-separated (default: as --mean)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=model_arg_type({"num_classes": "the checkpoint's head decides"}),
+                   help="constructor option of the architecture, repeatable")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out image files that cannot be decoded (listed on stderr)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write every image's top classes, probabilities and logits")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar on stderr")
+    compile_cache.add_flag(p)
+    return p
+
+
+def _step(text: str | None):
+    if text is None or text == "best":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise PredictError(f"--step must be a step number or 'best', got {text!r}")
+
+
+def _override(pre: Preprocessing, args, channels: int) -> Preprocessing:
+    given = {k: getattr(args, k) for k in ("image_size", "resize_size", "interpolation",
+                                           "mean", "std") if getattr(args, k) is not None}
+    if "image_size" in given and "resize_size" not in given:  # keep the ratio
+        given["resize_size"] = round(given["image_size"] * pre.resize_size / pre.image_size)
+    pre = dataclasses.replace(pre, **{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in given.items()})
+    for name in ("mean", "std"):
+        if len(getattr(pre, name)) != channels:
+            raise PredictError(f"--{name} needs {channels} value(s) for this model's "
+                               f"{channels} input channel(s)")
+    if min(pre.std) <= 0 or not all(map(math.isfinite, pre.mean + pre.std)):
+        raise PredictError("--mean must be finite and --std finite and > 0")
+    return pre
+
+
+def _check_input(loaded: LoadedModel, pre: Preprocessing) -> None:
+    """The model takes ``pre.image_size`` images (traced without values)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(loaded.model)
+    x = jax.ShapeDtypeStruct((1, pre.image_size, pre.image_size, loaded.channels), np.float32)
+    try:
+        jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    except Exception as e:  # noqa: BLE001 -- shape errors surface as several types.
+        raise PredictError(f"{loaded.arch} cannot take --image-size {pre.image_size}: "
+                           f"{str(e).splitlines()[0][:300]}") from None
+
+
+def _line(result: dict) -> str:
+    return f"{result['path']}: " + ", ".join(f"{t['name']} {100 * t['prob']:.1f}%"
+                                              for t in result["top"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI entry point; returns the exit status (0, or 2 after one ``error:`` line)."""
+    from jaxnets.xla_cpu import prepare_cpu
+
+    prepare_cpu()  # before jax starts
+    args = _parser().parse_args(argv)
+    import jaxnets
+    from jaxnets import compile_cache
+    from jaxnets.cli import one_line
+    from porting.pth import PthError
+    from porting.state_dict import PortingError
+
+    try:
+        try:  # before the first compilation
+            compile_cache.enable(args.compile_cache)
+        except compile_cache.CompileCacheError as e:
+            raise PredictError(f"--compile-cache: {e}") from None
+        if args.json is not None:  # checked before the work, written after it
+            folder = os.path.dirname(os.path.abspath(args.json))
+            if os.path.isdir(args.json) or not os.path.isdir(folder) \
+                    or not os.access(folder, os.W_OK):
+                raise PredictError(f"--json {args.json}: not a file in an existing, writable "
+                                   "folder")
+        images = find_images(args.images)
+        started = time.time()
+        loaded = load(args.weights, args.arch, step=_step(args.step),
+                      model_args=dict(args.model_arg), progress=args.progress)
+        loaded.preprocessing = pre = _override(loaded.preprocessing, args, loaded.channels)
+        _check_input(loaded, pre)
+        print(f"{loaded.arch}: {loaded.source}; {len(images)} image(s), {pre.resize_size}/"
+              f"{pre.image_size} {pre.interpolation}"
+              + ("" if loaded.class_names else "; no class names: indices shown"),
+              file=sys.stderr)
+        results, skipped = predict(loaded, images, top=args.top, batch_size=args.batch_size,
+                                   skip_bad=args.skip_bad, progress=args.progress)
+    except (PredictError, jaxnets.UnknownModelError, PthError, PortingError) as e:
+        print(f"error: {one_line(e, 600)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for r in results:
+        print(_line(r))
+    if line := compile_cache.summary():
+        print(line, file=sys.stderr)
+    if skipped:
+        print(f"note: --skip-bad left out {len(skipped)} image file(s) that cannot be "
+              f"decoded: {', '.join(skipped)}", file=sys.stderr)
+    if args.json is not None:
+        from train.config import write_json
+
+        write_json(args.json, {
+            "arch": loaded.arch, "weights": args.weights, "source": loaded.source,
+            "preprocessing": dataclasses.asdict(pre), "class_names": loaded.class_names,
+            "predictions": results, "skipped": skipped,
+            "seconds": round(time.time() - started, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
