@@ -97,6 +97,10 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     assert "is for resnet50, not --arch resnet18" in error(
         [image, "--arch", "resnet18", "--weights", "resnet50.IMAGENET1K_V2"])
     assert "--mean needs 1 value(s)" in error([image, "--mean", "0.5,0.5,0.5"] + weights)
+    (tmp_path / "names.txt").write_text("cat\n\nowl\n")
+    assert "one non-empty name per line" in error(
+        [image, "--class-names", str(tmp_path / "names.txt")] + weights)
+    assert "No such file" in error([image, "--class-names", str(tmp_path / "no.txt")] + weights)
     assert "lenet5 cannot take --image-size 40" in error([image, "--image-size", "40"] + weights)
     assert "not a file in an existing, writable folder" in error(
         [image, "--json", str(tmp_path)] + weights)
@@ -164,3 +168,14 @@ def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, 
     assert from_file["class_names"] is None
     assert from_file["predictions"][0]["top"][0]["name"] == str(np.argmax(want[0]))
     assert "no class names: indices shown" in capsys.readouterr().err
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(1000)) + "\n")
+    assert main(files + ["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
+                         "--class-names", str(names), "--top", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"{files[1]}: thing {np.argmax(want[1])} "
+        f"{100 * from_file['predictions'][1]['top'][0]['prob']:.1f}%")
+    names.write_text("a\nb\n")
+    assert main(files + ["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
+                         "--class-names", str(names), "--no-progress"]) == 2
+    assert "names 2 classes; the model has 1000 outputs" in capsys.readouterr().err

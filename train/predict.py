@@ -66,6 +66,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     class_names: list[str] | None  # None: the outputs have no recorded names
     channels: int
+    num_classes: int | None
 
 
 # --------------------------------------------------------------------------
@@ -117,7 +118,8 @@ def _run_model(path: str, arch: str | None, step) -> LoadedModel:
     if names is None and saved.get("dataset") == "digits":
         names = [str(i) for i in range(10)]
     return LoadedModel(model, weights.arch, f"step {weights.step} of the run {run_dir}", pre,
-                       _names(names, weights.num_classes), spec.in_channels)
+                       _names(names, weights.num_classes), spec.in_channels,
+                       weights.num_classes)
 
 
 def _read_json(folder: str, name: str) -> dict:
@@ -159,7 +161,6 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
     """
     import jaxnets
     from porting import pretrained
-    from porting.weights import get_weights
     from train import checkpoint as ckpt_lib
 
     model_args = dict(model_args or {})
@@ -177,7 +178,7 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
         meta = _read_json(path, "jaxnets.json")
         arch = _same_arch(arch, meta.get("arch"), f"--weights {weights} (converted)")
         if isinstance(meta.get("weights"), str):
-            named = _lookup(get_weights, meta["weights"], meta.get("arch"))
+            named = _lookup(meta["weights"])
     elif pretrained.is_weights_path(weights):
         if not os.path.exists(path):
             raise PredictError(f"--weights {weights}: no such file or directory")
@@ -187,7 +188,7 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
         if arch is None:
             raise PredictError(f"--weights {weights} needs --arch (or ARCH.{weights})")
         jaxnets.get_spec(arch)
-        named = _lookup(get_weights, weights if named_arch else f"{arch}.{weights}", arch)
+        named = _lookup(weights if named_arch else f"{arch}.{weights}")
         if named is None:
             raise PredictError(f"--weights {weights}: no such file, and not a torchvision "
                                f"weights name of {arch} (python -m porting weights {arch})")
@@ -210,8 +211,12 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
     num_classes = pretrained.head_classes(model, arch)
     categories = None if named is None or named.categories is None else list(named.categories)
     pre = _imagenet_preprocessing(spec, None if named is None else named.transforms)
+    size = model_args.get("image_size")
+    if isinstance(size, int) and size != pre.image_size:  # a ViT built for another size
+        pre = dataclasses.replace(pre, image_size=size,
+                                  resize_size=round(size * pre.resize_size / pre.image_size))
     return LoadedModel(model, arch, f"{weights} ({report})", pre,
-                       _names(categories, num_classes), spec.in_channels)
+                       _names(categories, num_classes), spec.in_channels, num_classes)
 
 
 def _same_arch(given: str | None, found: str | None, what: str) -> str | None:
@@ -220,7 +225,9 @@ def _same_arch(given: str | None, found: str | None, what: str) -> str | None:
     return given or found
 
 
-def _lookup(get_weights, spec: str, arch: str | None):
+def _lookup(spec: str):
+    from porting.weights import get_weights
+
     try:
         return get_weights(spec)
     except ValueError:
@@ -381,6 +388,9 @@ def _parser():
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    type=model_arg_type({"num_classes": "the checkpoint's head decides"}),
                    help="constructor option of the architecture, repeatable")
+    p.add_argument("--class-names", default=None, metavar="FILE",
+                   help="a text file naming the model's outputs, one per line, in order "
+                        "(default: the run's, the weights' categories, else indices)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out image files that cannot be decoded (listed on stderr)")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -429,6 +439,19 @@ def _check_input(loaded: LoadedModel, pre: Preprocessing) -> None:
                            f"{str(e).splitlines()[0][:300]}") from None
 
 
+def _read_names(path: str) -> list[str]:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            names = [line.strip() for line in f.read().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise PredictError(f"--class-names {path}: {e}") from None
+    while names and not names[-1]:  # a final newline or two
+        names.pop()
+    if not names or not all(names):
+        raise PredictError(f"--class-names {path}: expected one non-empty name per line")
+    return names
+
+
 def _line(result: dict) -> str:
     return f"{result['path']}: " + ", ".join(f"{t['name']} {100 * t['prob']:.1f}%"
                                               for t in result["top"])
@@ -458,9 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise PredictError(f"--json {args.json}: not a file in an existing, writable "
                                    "folder")
         images = find_images(args.images)
+        names = None if args.class_names is None else _read_names(args.class_names)
         started = time.time()
         loaded = load(args.weights, args.arch, step=_step(args.step),
                       model_args=dict(args.model_arg), progress=args.progress)
+        if names is not None:
+            if len(names) != loaded.num_classes:
+                raise PredictError(f"--class-names {args.class_names} names {len(names)} "
+                                   f"classes; the model has {loaded.num_classes} outputs")
+            loaded.class_names = names
         loaded.preprocessing = pre = _override(loaded.preprocessing, args, loaded.channels)
         _check_input(loaded, pre)
         print(f"{loaded.arch}: {loaded.source}; {len(images)} image(s), {pre.resize_size}/"
