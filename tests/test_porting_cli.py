@@ -248,7 +248,8 @@ def test_export_of_a_finetune_run(tmp_path, capsys):
     _finetune(run, "--arch", "resnet18_cifar", "--image-size", "16", "--steps", "4",
               "--checkpoint-every", "2")
     assert read_model_info(run) == {"arch": "resnet18_cifar", "num_classes": 10,
-                                    "model_overrides": {}}
+                                    "model_overrides": {},
+                                    "classes": [str(i) for i in range(10)]}
     for extra, step in (([], 4), (["--step", "2"], 2), (["--step", "best"], 4),
                         ([], None)):
         checkpoint = run if step is not None else run / "checkpoints" / "2"
