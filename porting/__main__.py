@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "weights", help="list the pretrained weights names",
         description="Lists torchvision's pretrained weights for the registered archs: name "
-                    "(* marks the arch's DEFAULT, what --weights DEFAULT or a bare arch "
-                    "name picks), ImageNet top-1/top-5, the evaluation preprocessing "
+                    "(* marks the arch's DEFAULT, what --weights DEFAULT picks), ImageNet "
+                    "top-1/top-5, the evaluation preprocessing "
                     "(resize, crop, interpolation) and the file size.")
     w.add_argument("archs", nargs="*", metavar="ARCH", help="only these archs")
     w.add_argument("--arch", default=None, help="only this arch (as ARCH)")
@@ -353,7 +353,7 @@ def _weights(args: argparse.Namespace) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(n) for c, n in zip(r, widths)) + "  " + r[-1])
-    print("* DEFAULT: what --weights DEFAULT (or the arch name alone) loads")
+    print("* DEFAULT: what --weights DEFAULT loads")
 
 
 def _verify(argv: list[str]) -> int:
@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help, or a usage error already printed
             return int(e.code or 0)
         {"convert": _convert, "export": _export, "weights": _weights}[args.command](args)
+    except BrokenPipeError:  # the reader left (| head): quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CliError, ValueError, OSError, TypeError, RuntimeError) as e:
         # ValueError covers unknown arch/weights, corrupt files and wrong-arch
         # loads; RuntimeError covers failed downloads.

@@ -102,17 +102,42 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
         [image, "--class-names", str(tmp_path / "names.txt")] + weights)
     assert "No such file" in error([image, "--class-names", str(tmp_path / "no.txt")] + weights)
     assert "lenet5 cannot take --image-size 40" in error([image, "--image-size", "40"] + weights)
+    assert "expected a file name, not a folder" in error([image, "--json", str(tmp_path)]
+                                                         + weights)
     assert "not a file in an existing, writable folder" in error(
-        [image, "--json", str(tmp_path)] + weights)
+        [image, "--json", str(tmp_path / "no" / "p.json")] + weights)
+    (tmp_path / "link.json").symlink_to(out)
+    assert "is not a regular file" in error([image, "--json", str(tmp_path / "link.json")]
+                                            + weights)
+    assert "lenet5 has no pretrained weights" in error([image, "--arch", "lenet5",
+                                                        "--weights", "DEFAULT"])
+    assert "no such file or folder; a torchvision weights name needs --arch" in error(
+        [image, "--weights", "myrun"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     msg = error([image, str(bad), "--json", str(out)] + weights)
     assert "cannot decode image" in msg and str(bad) in msg and "--skip-bad" in msg
     assert out.read_text() == "mine"
+    assert "none of the 1 image file(s) could be decoded" in error(
+        [str(bad), "--skip-bad", "--json", str(out)] + weights)
+    assert out.read_text() == "mine"
     assert main([image, str(bad), "--skip-bad", "--json", str(out), "--no-progress"]
                 + weights) == 0
     assert json.loads(out.read_text())["skipped"] == [str(bad)]
     assert f"left out 1 image file(s) that cannot be decoded: {bad}" in capsys.readouterr().err
+    # A damaged run: its config.json (the preprocessing) is one line, not defaults.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "config.json").write_text('{"arch": ')
+    assert "config.json is unreadable" in error([image, "--weights", str(damaged)])
+    config = json.loads((run_dir / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, "image_size": "big"}))
+    assert "its preprocessing values are damaged" in error([image, "--weights", str(damaged)])
+    (damaged / "config.json").write_text(json.dumps({**config, "interpolation": "nearest"}))
+    assert "expected sizes >= 1 and bilinear or bicubic" in error(
+        [image, "--weights", str(damaged)])
 
 
 def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, capsys):

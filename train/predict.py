@@ -14,12 +14,16 @@ then normalised with ``--mean``/``--std``. What these are unless given: a run's 
 (recorded in its ``model.json`` since this program exists), named weights' categories,
 else the class indices.
 
-One line per image on stdout, ``PATH: NAME PROB%, ...`` (the ``--top`` most probable
-classes, softmax of the logits in float32); ``--json`` writes every image's top classes,
-probabilities and logits, and how the model was read and the images shaped. Bad input
-(an unknown arch, weights that do not fit it, a missing path, an image that cannot be
-decoded without ``--skip-bad``) is one ``error:`` line and exit status 2; nothing is
-written then.
+One line per image on stdout as its batch is done, ``PATH: NAME PROB%, ...`` (the
+``--top`` most probable classes, softmax of the logits in float32); ``--json`` writes
+every image's top classes, probabilities and logits, and how the model was read and the
+images shaped, at the end. The model computes in float32 (a run trained with
+``--precision bf16`` evaluated in bfloat16: its logits differ by bfloat16's rounding).
+Image files are read as ``train.finetune`` reads them (16-bit and float images scaled to
+8 bits, alpha dropped). Bad input (an unknown arch, weights that do not fit it, a
+missing path, a damaged run, an image that cannot be decoded without ``--skip-bad``) is
+one ``error:`` line and exit status 2: the lines printed before it stand, ``--json`` is
+not written (a file already there is kept).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 __all__ = ["Preprocessing", "LoadedModel", "load", "find_images", "main", "predict"]
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE = 74
 
 
 class PredictError(Exception):
@@ -109,11 +114,17 @@ def _run_model(path: str, arch: str | None, step) -> LoadedModel:
     run_dir = os.path.dirname(os.path.dirname(weights.directory))
     saved, info = _read_json(run_dir, "config.json"), _read_json(run_dir, "model.json")
     default = _imagenet_preprocessing(spec)
-    pre = Preprocessing(
-        int(saved.get("image_size") or default.image_size),
-        int(saved.get("resize_size") or saved.get("image_size") or default.resize_size),
-        saved.get("interpolation") or default.interpolation,
-        tuple(saved.get("mean") or default.mean), tuple(saved.get("std") or default.std))
+    try:  # a run's config.json holds resolved values; a bare checkpoints folder has none
+        size = int(saved.get("image_size") or default.image_size)
+        pre = Preprocessing(
+            size, int(saved.get("resize_size") or size),
+            str(saved.get("interpolation") or default.interpolation),
+            tuple(float(v) for v in saved.get("mean") or default.mean),
+            tuple(float(v) for v in saved.get("std") or default.std))
+    except (TypeError, ValueError) as e:
+        raise PredictError(f"{os.path.join(run_dir, 'config.json')}: its preprocessing "
+                           f"values are damaged ({e})") from None
+    _check_preprocessing(pre, spec.in_channels, f"{os.path.join(run_dir, 'config.json')}:")
     names = info.get("classes")
     if names is None and saved.get("dataset") == "digits":
         names = [str(i) for i in range(10)]
@@ -123,12 +134,18 @@ def _run_model(path: str, arch: str | None, step) -> LoadedModel:
 
 
 def _read_json(folder: str, name: str) -> dict:
-    try:
-        with open(os.path.join(folder, name)) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
+    """A JSON object file of a run or converted directory; {} where there is none."""
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
         return {}
-    return value if isinstance(value, dict) else {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PredictError(f"{path} is unreadable: {e}") from None
+    if not isinstance(value, dict):
+        raise PredictError(f"{path} is not a JSON object")
+    return value
 
 
 def _names(names, num_classes: int | None) -> list[str] | None:
@@ -186,14 +203,21 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
         named_arch = weights.partition(".")[0] if "." in weights else None
         arch = _same_arch(arch, named_arch, f"--weights {weights}")
         if arch is None:
-            raise PredictError(f"--weights {weights} needs --arch (or ARCH.{weights})")
-        jaxnets.get_spec(arch)
+            raise PredictError(f"--weights {weights}: no such file or folder; a torchvision "
+                               f"weights name needs --arch (or ARCH.{weights})")
+        jaxnets.get_spec(arch)  # an unknown arch: the registry's error, with suggestions
+        from porting.weights import list_weights
+
+        if not list_weights(arch):
+            raise PredictError(f"--weights {weights}: no such file, and {arch} has no "
+                               "pretrained weights (torchvision publishes none for it)")
         named = _lookup(weights if named_arch else f"{arch}.{weights}")
         if named is None:
             raise PredictError(f"--weights {weights}: no such file, and not a torchvision "
                                f"weights name of {arch} (python -m porting weights {arch})")
     if arch is None:
-        raise PredictError(f"--weights {weights} needs --arch")
+        raise PredictError(f"--weights {weights} needs --arch (a run has a checkpoints/ "
+                           "folder, a converted directory a jaxnets.json)")
     spec = jaxnets.get_spec(arch)
     if spec.kind not in ("image", "vector"):
         raise PredictError(f"--arch {arch} is not an image classifier")
@@ -201,7 +225,7 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
         model, report = pretrained.load_torchvision(
             arch, named.spec if named is not None and not converted else path,
             progress=progress, **model_args)
-    except jaxnets.UnknownModelError:
+    except jaxnets.UnknownModelError:  # a ValueError, reported by main as it is
         raise
     except (OSError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: DownloadError
         from jaxnets.cli import one_line
@@ -215,7 +239,8 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
     if isinstance(size, int) and size != pre.image_size:  # a ViT built for another size
         pre = dataclasses.replace(pre, image_size=size,
                                   resize_size=round(size * pre.resize_size / pre.image_size))
-    return LoadedModel(model, arch, f"{weights} ({report})", pre,
+    label = named.spec if named is not None and not converted else weights
+    return LoadedModel(model, arch, f"{label} ({report})", pre,
                        _names(categories, num_classes), spec.in_channels, num_classes)
 
 
@@ -263,8 +288,8 @@ def find_images(paths: Sequence[str]) -> list[str]:
 
 
 def predict(loaded: LoadedModel, paths: Sequence[str], *, top: int = 5,
-            batch_size: int = 16, skip_bad: bool = False, progress: bool = True
-            ) -> tuple[list[dict[str, Any]], list[str]]:
+            batch_size: int = 16, skip_bad: bool = False, progress: bool = True,
+            on_result=None) -> tuple[list[dict[str, Any]], list[str]]:
     """Classifies image files.
 
     Args:
@@ -274,6 +299,7 @@ def predict(loaded: LoadedModel, paths: Sequence[str], *, top: int = 5,
         batch_size: Images per forward pass (the last batch is padded: one compile).
         skip_bad: Leave out files that cannot be decoded (returned) instead of failing.
         progress: Show a bar.
+        on_result: Called with each result as its batch is done (the program prints it).
 
     Returns:
         ``(results, skipped)``: per image ``{"path", "top": [{"index", "name", "prob"}],
@@ -305,6 +331,7 @@ def predict(loaded: LoadedModel, paths: Sequence[str], *, top: int = 5,
 
     results, skipped = [], []
     batch: list[tuple[str, np.ndarray]] = []
+    batch_size = max(1, min(batch_size, len(paths)))  # one image: no 16-image batch
 
     def flush():
         images = np.stack([x for _, x in batch])
@@ -318,6 +345,8 @@ def predict(loaded: LoadedModel, paths: Sequence[str], *, top: int = 5,
             results.append({"path": path, "logits": row.tolist(), "top": [
                 {"index": int(i), "name": _name(loaded.class_names, int(i)),
                  "prob": float(p[i])} for i in order]})
+            if on_result is not None:
+                on_result(results[-1])
         batch.clear()
 
     with bar_of(paths, desc="predict", unit="img", leave=False,
@@ -359,22 +388,26 @@ def _parser():
                     "most probable classes.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, or folders (their images, recursively)")
+                   help="image files, or folders (their files with ImageFolder's image "
+                        "extensions, recursively, in ImageFolder's order)")
     p.add_argument("--weights", required=True,
-                   help="a train.finetune run directory, a directory `porting convert` "
-                        "wrote, a .pth/.safetensors file, or torchvision weights (DEFAULT, "
+                   help="a train.finetune run directory (or its checkpoints/ folder, or one "
+                        "step folder in it), a directory `porting convert` wrote, a "
+                        ".pth/.safetensors file, or torchvision weights (DEFAULT, "
                         "IMAGENET1K_V2, resnet50.IMAGENET1K_V2; python -m porting weights)")
     p.add_argument("--arch", default=None,
                    help="registered model name (a run or a converted directory says its own)")
     p.add_argument("--step", default=None,
-                   help="a run's checkpoint step, or 'best' (default: the newest)")
+                   help="a run's checkpoint step, or 'best' (default: the newest readable "
+                        "one; a note says so when the newest cannot be read)")
     p.add_argument("--top", type=_positive_int, default=5,
                    help="classes shown per image (default: 5)")
     p.add_argument("--batch-size", type=_positive_int, default=16,
                    help="images per forward pass (default: 16)")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="center crop side (default: the run's, the weights', else the "
-                        "model's default input)")
+                        "model's default input); given alone, --resize-size keeps its ratio "
+                        "to it")
     p.add_argument("--resize-size", type=_positive_int, default=None,
                    help="shorter side before the crop (default: the run's, the weights', "
                         "else 256/224 of the crop)")
@@ -382,7 +415,8 @@ def _parser():
                    help="resize filter (default: the run's, the weights', else bilinear)")
     p.add_argument("--mean", type=_floats, default=None,
                    help="normalisation mean per channel, comma-separated (default: the "
-                        "run's, the weights', else ImageNet's)")
+                        "run's, the weights', else ImageNet's; for a 1-channel model their "
+                        "average, 0.449 and 0.226)")
     p.add_argument("--std", type=_floats, default=None,
                    help="normalisation std per channel, comma-separated (default: as --mean)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -416,13 +450,26 @@ def _override(pre: Preprocessing, args, channels: int) -> Preprocessing:
         given["resize_size"] = round(given["image_size"] * pre.resize_size / pre.image_size)
     pre = dataclasses.replace(pre, **{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in given.items()})
+    _check_preprocessing(pre, channels, "")
+    return pre
+
+
+def _check_preprocessing(pre: Preprocessing, channels: int, where: str) -> None:
+    """Refuses values the transform cannot take; ``where`` leads the message (a damaged
+    config.json), else the flags are named."""
+    lead = f"{where} " if where else "--"
     for name in ("mean", "std"):
         if len(getattr(pre, name)) != channels:
-            raise PredictError(f"--{name} needs {channels} value(s) for this model's "
+            raise PredictError(f"{lead}{name} needs {channels} value(s) for this model's "
                                f"{channels} input channel(s)")
     if min(pre.std) <= 0 or not all(map(math.isfinite, pre.mean + pre.std)):
-        raise PredictError("--mean must be finite and --std finite and > 0")
-    return pre
+        raise PredictError(f"{lead}mean must be finite and {'' if where else '--'}std "
+                           "finite and > 0")
+    if pre.image_size < 1 or pre.resize_size < 1 or pre.interpolation not in (
+            "bilinear", "bicubic"):
+        raise PredictError(f"{where} image_size {pre.image_size}, resize_size "
+                           f"{pre.resize_size}, interpolation {pre.interpolation!r}: expected "
+                           "sizes >= 1 and bilinear or bicubic")
 
 
 def _check_input(loaded: LoadedModel, pre: Preprocessing) -> None:
@@ -457,8 +504,22 @@ def _line(result: dict) -> str:
                                               for t in result["top"])
 
 
+def _check_json(path: str) -> None:
+    """``--json`` names a new or regular file in an existing, writable folder (checked
+    before the work; the file is written whole, replacing one there, after it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path or path.endswith((os.sep, "/")) or os.path.isdir(path):
+        raise PredictError(f"--json {path!r}: expected a file name, not a folder")
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise PredictError(f"--json {path}: exists and is not a regular file (a link or a "
+                           "device); name a file")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise PredictError(f"--json {path}: not a file in an existing, writable folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI entry point; returns the exit status (0, or 2 after one ``error:`` line)."""
+    """The CLI entry point; returns the exit status: 0; 2 after one ``error:`` line (bad
+    input); 74 when ``--json`` cannot be written; 130 on Ctrl-C."""
     from jaxnets.xla_cpu import prepare_cpu
 
     prepare_cpu()  # before jax starts
@@ -469,23 +530,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from porting.pth import PthError
     from porting.state_dict import PortingError
 
+    def show(result):  # each image's line as its batch is done
+        print(_line(result), flush=True)
+
     try:
         try:  # before the first compilation
             compile_cache.enable(args.compile_cache)
         except compile_cache.CompileCacheError as e:
             raise PredictError(f"--compile-cache: {e}") from None
-        if args.json is not None:  # checked before the work, written after it
-            folder = os.path.dirname(os.path.abspath(args.json))
-            if os.path.isdir(args.json) or not os.path.isdir(folder) \
-                    or not os.access(folder, os.W_OK):
-                raise PredictError(f"--json {args.json}: not a file in an existing, writable "
-                                   "folder")
+        if args.json is not None:
+            _check_json(args.json)
         images = find_images(args.images)
         names = None if args.class_names is None else _read_names(args.class_names)
         started = time.time()
         loaded = load(args.weights, args.arch, step=_step(args.step),
                       model_args=dict(args.model_arg), progress=args.progress)
         if names is not None:
+            if loaded.num_classes is None:
+                raise PredictError(f"--class-names: {loaded.arch} has no classifier head")
             if len(names) != loaded.num_classes:
                 raise PredictError(f"--class-names {args.class_names} names {len(names)} "
                                    f"classes; the model has {loaded.num_classes} outputs")
@@ -497,12 +559,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ("" if loaded.class_names else "; no class names: indices shown"),
               file=sys.stderr)
         results, skipped = predict(loaded, images, top=args.top, batch_size=args.batch_size,
-                                   skip_bad=args.skip_bad, progress=args.progress)
+                                   skip_bad=args.skip_bad, progress=args.progress,
+                                   on_result=show)
+        if not results:
+            raise PredictError(f"none of the {len(images)} image file(s) could be decoded")
     except (PredictError, jaxnets.UnknownModelError, PthError, PortingError) as e:
         print(f"error: {one_line(e, 600)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for r in results:
-        print(_line(r))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader left (| head): quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     if line := compile_cache.summary():
         print(line, file=sys.stderr)
     if skipped:
@@ -511,11 +580,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         from train.config import write_json
 
-        write_json(args.json, {
-            "arch": loaded.arch, "weights": args.weights, "source": loaded.source,
-            "preprocessing": dataclasses.asdict(pre), "class_names": loaded.class_names,
-            "predictions": results, "skipped": skipped,
-            "seconds": round(time.time() - started, 1)})
+        try:
+            write_json(args.json, {
+                "arch": loaded.arch, "weights": args.weights, "source": loaded.source,
+                "preprocessing": dataclasses.asdict(pre), "class_names": loaded.class_names,
+                "predictions": results, "skipped": skipped,
+                "seconds": round(time.time() - started, 1)})
+        except OSError as e:
+            print(f"error: --json {args.json}: {e}", file=sys.stderr)
+            return EXIT_WRITE
     return 0
 
 
