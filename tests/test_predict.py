@@ -204,3 +204,20 @@ def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, 
     assert main(files + ["--arch", "resnet18", "--weights", str(tmp_path / "r18.pth"),
                          "--class-names", str(names), "--no-progress"]) == 2
     assert "names 2 classes; the model has 1000 outputs" in capsys.readouterr().err
+
+
+def test_default_preprocessing_is_finetunes():
+    """Without a run's config or named weights: ImageNet's statistics, one value each
+    (their average) for a 1-channel model, as train.config.resolve gives a run."""
+    import jaxnets
+    from train.config import default_normalization
+    from train.predict import _imagenet_preprocessing
+
+    lenet = _imagenet_preprocessing(jaxnets.get_spec("lenet5"))
+    assert (lenet.image_size, lenet.resize_size, lenet.interpolation) == (32, 37, "bilinear")
+    np.testing.assert_allclose(lenet.mean + lenet.std, (0.449, 0.226))
+    assert (lenet.mean, lenet.std) == default_normalization(1)
+    resnet = _imagenet_preprocessing(jaxnets.get_spec("resnet18"))
+    assert (resnet.image_size, resnet.resize_size) == (224, 256)
+    assert resnet.mean == (0.485, 0.456, 0.406) and resnet.std == (0.229, 0.224, 0.225)
+    assert _imagenet_preprocessing(jaxnets.get_spec("mlp")).image_size == 28

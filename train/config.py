@@ -372,6 +372,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**values)
 
 
+def default_normalization(channels: int, transforms=None
+                          ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation mean and std of a model's input when no flag gives them:
+    the weights' (``transforms``), else ImageNet's; one value each, their average,
+    for a 1-channel model (it sees luma). ``train.predict`` uses the same."""
+    if transforms is not None:
+        mean, std = tuple(transforms.mean), tuple(transforms.std)
+    else:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if len(mean) == 3 and channels == 1:
+        # A 1-channel model sees luma; ImageNet's per-channel stats average to it.
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return mean, std
+
+
 def resolve(
     cfg: Config,
     *,
@@ -414,13 +429,7 @@ def resolve(
     if resize_size is None:
         resize_size = (round(image_size * transforms.resize_size / transforms.crop_size)
                        if pretrained else image_size)
-    if pretrained:
-        mean, std = tuple(transforms.mean), tuple(transforms.std)
-    else:
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    if len(mean) == 3 and channels == 1:
-        # A 1-channel model sees luma; ImageNet's per-channel stats average to it.
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean, std = default_normalization(channels, transforms)
     # A flag given alone replaces only its own default.
     mean, std = cfg.mean or mean, cfg.std or std
     if len(mean) != channels or len(std) != channels:

@@ -80,18 +80,15 @@ class LoadedModel:
 
 def _imagenet_preprocessing(spec, transforms=None) -> Preprocessing:
     """Named weights' transforms, else ImageNet's at the model's default input size."""
-    from train.augment import IMAGENET_MEAN, IMAGENET_STD
+    from train.config import default_normalization
 
+    mean, std = default_normalization(spec.in_channels, transforms)
     if transforms is not None:
         return Preprocessing(int(transforms.crop_size), int(transforms.resize_size),
-                             transforms.interpolation, tuple(transforms.mean),
-                             tuple(transforms.std))
+                             transforms.interpolation, mean, std)
     size = spec.input_size[0]
     if spec.kind == "vector":  # a flattened square image
         size = math.isqrt(size // spec.in_channels)
-    mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    if spec.in_channels == 1:  # luma, as train.config.resolve does
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     return Preprocessing(size, round(size * 256 / 224), "bilinear", mean, std)
 
 
