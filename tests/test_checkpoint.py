@@ -4,6 +4,7 @@ import gc
 import glob
 import logging
 import os
+import shutil
 import sys
 import time
 import types
@@ -100,6 +101,43 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         ck.restore(_state())
     assert sorted(os.listdir(tmp_path / "ck")) == ["10", "20", "20.unreadable"]
+
+
+def test_reading_a_run_names_what_is_wrong_with_it(tmp_path, caplog):
+    """read_run_weights (train.predict, finetune --eval-only, porting export): a damaged
+    model.json is named as such, not taken for unreadable steps; with every step
+    unreadable the error gives the newest one's reason, not only the warnings."""
+    import json
+
+    from train.checkpoint import read_run_weights
+
+    run = tmp_path / "run"
+    ck = Checkpointer(str(run / "checkpoints"), keep=3)
+    for step in (1, 2):
+        ck.save(step, _state(seed=step), {"epoch": 0})
+    ck.close()
+    (run / "model.json").write_text(json.dumps({"arch": "lenet5", "num_classes": 10}))
+    weights = read_run_weights(str(run), fall_back=True)
+    assert weights.step == 2 and weights.arch == "lenet5" and weights.num_classes == 10
+    for damaged, reason in (("{\"arch\": ", "Expecting value"),
+                            ("[1, 2]", "a JSON list, not an object"),
+                            ('{"arch": "lenet5", "model_overrides": 3}', "not iterable")):
+        (run / "model.json").write_text(damaged)
+        for fall_back in (True, False):
+            with pytest.raises(CheckpointError, match=r"model\.json is unreadable: .*" + reason):
+                read_run_weights(str(run), fall_back=fall_back)
+    (run / "model.json").write_text(json.dumps({"arch": "lenet5", "num_classes": 10}))
+    _corrupt(str(run / "checkpoints" / "2"))
+    with caplog.at_level(logging.WARNING, logger="train.checkpoint"):
+        assert read_run_weights(str(run), fall_back=True).step == 1
+    assert any("read step 1 instead of 2" in r.getMessage() for r in caplog.records)
+    _corrupt(str(run / "checkpoints" / "1"))
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .* \(steps 1, 2\); "
+                       r"the newest: cannot read step 2 in "):
+        read_run_weights(str(run), fall_back=True)
+    shutil.rmtree(run / "checkpoints" / "2")
+    with pytest.raises(CheckpointError, match=r"^cannot read step 1 in "):
+        read_run_weights(str(run), fall_back=True)
 
 
 def test_a_write_that_fails_is_one_error_and_its_noise_is_held_back(tmp_path, capsys, caplog):

@@ -401,11 +401,14 @@ def _run_model(run_dir: str | None) -> tuple[str | None, int | None, dict]:
         try:
             with open(path) as f:
                 info = json.load(f)
-        except (OSError, ValueError) as e:
+            if not isinstance(info, dict):
+                raise ValueError(f"a JSON {type(info).__name__}, not an object")
+            if name == MODEL_INFO:
+                return (info.get("arch"), info.get("num_classes"),
+                        dict(info.get("model_overrides", {})))
+            return info.get("arch"), None, {k: v for k, v in info.get("model_args", [])}
+        except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path} is unreadable: {e}") from None
-        if name == MODEL_INFO:
-            return info.get("arch"), info.get("num_classes"), dict(info.get("model_overrides", {}))
-        return info.get("arch"), None, {k: v for k, v in info.get("model_args", [])}
     return None, None, {}
 
 
@@ -442,6 +445,8 @@ def read_run_weights(path: str, step: int | str | None = None, *,
     if found is None:
         raise CheckpointError(f"{path} is not a train.finetune run directory (no checkpoints/)")
     run_dir, checkpoints, named = found
+    # The run's model first: a damaged model.json is the run's problem, not a step's.
+    arch, num_classes, overrides = _run_model(run_dir)
     if named is not None and step is not None and step != named:
         raise CheckpointError(f"{path} is the directory of step {named}, not of step {step}; "
                               "pass the run directory to choose a step")
@@ -459,20 +464,23 @@ def read_run_weights(path: str, step: int | str | None = None, *,
             try:
                 weights = read_run_weights(path, s)
             except CheckpointError as e:
-                log.warning("%s; trying the previous one", str(e).split(" (other steps")[0])
-                errors.append(s)
+                errors.append((s, str(e).split(" (other steps")[0]))
+                if s != steps[0]:
+                    log.warning("%s; trying the previous one", errors[-1][1])
                 continue
             if errors:
-                log.warning("read step %d instead of %s", s, ", ".join(map(str, errors)))
+                log.warning("read step %d instead of %s", s,
+                            ", ".join(str(bad) for bad, _ in errors))
             return weights
+        if len(steps) == 1:
+            raise CheckpointError(errors[0][1])
         raise CheckpointError(f"no readable checkpoint in {checkpoints} (steps "
-                              f"{', '.join(map(str, steps))})")
+                              f"{', '.join(map(str, steps))}); the newest: {errors[0][1]}")
     elif step is None:
         step = named if named is not None else steps[-1]
     if step not in steps:
         raise CheckpointError(f"no step {step} in {checkpoints} (steps: "
                               f"{', '.join(map(str, steps))})")
-    arch, num_classes, overrides = _run_model(run_dir)
     state_dir = os.path.join(checkpoints, str(step), "state")
     quiet_failed_reads()
     ck = ocp.PyTreeCheckpointer()
