@@ -4,6 +4,7 @@ checkpoint file classify image files as torch / ``train.finetune``'s evaluation 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,19 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     (damaged / "config.json").write_text(json.dumps({**config, "interpolation": "nearest"}))
     assert "expected sizes >= 1 and bilinear or bicubic" in error(
         [image, "--weights", str(damaged)])
+    # ... and its model.json: named, not "no readable checkpoint".
+    (damaged / "config.json").write_text(json.dumps(config))
+    info = json.loads((run_dir / "model.json").read_text())
+    (damaged / "model.json").write_text('{"arch": ')
+    assert "model.json is unreadable: Expecting value" in error(
+        [image, "--weights", str(damaged)])
+    # Classes that do not fit the head: indices, and a note that says why.
+    (damaged / "model.json").write_text(json.dumps({**info, "classes": ["cat", "dog"]}))
+    capsys.readouterr()
+    assert main([image, "--weights", str(damaged), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "its classes are not 3 names, one per output; indices shown" in err, err
+    assert re.match(rf"{re.escape(image)}: [012] [0-9.]+%, [012] ", out), out
 
 
 def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, capsys):

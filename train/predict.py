@@ -125,6 +125,9 @@ def _run_model(path: str, arch: str | None, step) -> LoadedModel:
     names = info.get("classes")
     if names is None and saved.get("dataset") == "digits":
         names = [str(i) for i in range(10)]
+    elif names is not None and _names(names, weights.num_classes) is None:
+        print(f"note: {os.path.join(run_dir, 'model.json')}: its classes are not "
+              f"{weights.num_classes} names, one per output; indices shown", file=sys.stderr)
     return LoadedModel(model, weights.arch, f"step {weights.step} of the run {run_dir}", pre,
                        _names(names, weights.num_classes), spec.in_channels,
                        weights.num_classes)
