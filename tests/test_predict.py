@@ -86,7 +86,8 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "no image files in this folder" in error([str(tmp_path / "empty")] + weights)
     assert "a run of lenet5, not --arch resnet18" in error([image, "--arch", "resnet18"] + weights)
-    assert "--model-arg is not for a run" in error([image, "--model-arg", "dropout=0.1"] + weights)
+    assert "unexpected keyword argument 'dropout'" in error([image, "--model-arg", "dropout=0.1"]
+                                                     + weights)
     assert "--step must be a step number" in error([image, "--step", "last"] + weights)
     assert "needs --arch" in error([image, "--weights", "DEFAULT"])
     assert "unknown model 'resnet181'" in error([image, "--arch", "resnet181",
@@ -149,9 +150,30 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     (damaged / "model.json").write_text(json.dumps({**info, "classes": ["cat", "dog"]}))
     capsys.readouterr()
     assert main([image, "--weights", str(damaged), "--no-progress"]) == 0
-    out, err = capsys.readouterr()
+    printed, err = capsys.readouterr()
     assert "its classes are not 3 names, one per output; indices shown" in err, err
-    assert re.match(rf"{re.escape(image)}: [012] [0-9.]+%, [012] ", out), out
+    assert re.match(rf"{re.escape(image)}: [012] [0-9.]+%, [012] ", printed), printed
+    # --model-arg on a run: only what it does not record.
+    (damaged / "model.json").write_text(json.dumps({**info, "model_overrides": {
+        "in_channels": 1}}))
+    assert "the run's model was built with in_channels=1, not in_channels=3" in error(
+        [image, "--weights", str(damaged), "--model-arg", "in_channels=3"])
+    assert "conv1" in error([image, "--model-arg", "in_channels=3"] + weights)
+    # A bare checkpoints folder: --arch (and what the model was built with) from the user.
+    bare = tmp_path / "bare" / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", bare)
+    assert "the run does not say its arch (no model.json or config.json); pass --arch" in (
+        error([image, "--weights", str(bare)]))
+    assert "--arch transformer is not an image classifier" in error(
+        [image, "--weights", str(bare), "--arch", "transformer"])
+    same = ["--resize-size", "36", "--mean", str(config["mean"][0]),
+            "--std", str(config["std"][0])]
+    logits = []
+    for source in ([str(run_dir)], [str(bare), "--arch", "lenet5"]):
+        assert main([image, "--weights", *source, "--json", str(out), "--no-progress"]
+                    + same) == 0
+        logits.append(json.loads(out.read_text())["predictions"][0]["logits"])
+    assert logits[0] == logits[1]
 
 
 def test_torchvision_weights_and_a_pth_give_torch_logits(tmp_path, monkeypatch, capsys):

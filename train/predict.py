@@ -92,25 +92,44 @@ def _imagenet_preprocessing(spec, transforms=None) -> Preprocessing:
     return Preprocessing(size, round(size * 256 / 224), "bilinear", mean, std)
 
 
-def _run_model(path: str, arch: str | None, step) -> LoadedModel:
-    """A ``train.finetune`` run's checkpoint, with the run's preprocessing and classes."""
+def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedModel:
+    """A ``train.finetune`` run's checkpoint, with the run's preprocessing and classes;
+    ``arch`` and ``model_args`` for what the run does not record (a bare checkpoints
+    folder has no model.json)."""
     import jaxnets
+    from porting import pretrained
     from train import checkpoint as ckpt_lib
 
     try:
         weights = ckpt_lib.read_run_weights(path, step, fall_back=step is None)
-        if weights.arch is None:
+        if weights.arch is None and arch is None:
             raise PredictError(f"--weights {path}: the run does not say its arch (no "
-                               "model.json or config.json)")
-        if arch is not None and weights.arch != arch:
+                               "model.json or config.json); pass --arch")
+        if arch is not None and weights.arch not in (None, arch):
             raise PredictError(f"--weights {path}: a run of {weights.arch}, not --arch {arch}")
+        recorded = weights.overrides
+        for k, v in model_args.items():
+            if k in recorded and recorded[k] != v:
+                raise PredictError(f"--weights {path}: the run's model was built with "
+                                   f"{k}={recorded[k]!r}, not {k}={v!r} (--model-arg is for "
+                                   "options a run does not record)")
+        weights = weights._replace(arch=weights.arch or arch,
+                                   overrides={**recorded, **model_args})
+        if jaxnets.get_spec(weights.arch).kind not in ("image", "vector"):
+            raise PredictError(f"--arch {weights.arch} is not an image classifier")
+        if (problem := pretrained.model_problem(weights.arch, weights.overrides)):
+            raise PredictError(problem)
         model = ckpt_lib.model_of(weights)
     except ckpt_lib.CheckpointError as e:
         raise PredictError(f"--weights {path}: {e}") from None
+    except (pretrained.PortingError, ValueError, TypeError) as e:  # arrays of another model
+        from jaxnets.cli import one_line
+
+        raise PredictError(f"--weights {path}: {one_line(e, 600)}") from None
     spec = jaxnets.get_spec(weights.arch)
     run_dir = os.path.dirname(os.path.dirname(weights.directory))
     saved, info = _read_json(run_dir, "config.json"), _read_json(run_dir, "model.json")
-    default = _imagenet_preprocessing(spec)
+    default = _at_size(_imagenet_preprocessing(spec), weights.overrides.get("image_size"))
     try:  # a run's config.json holds resolved values; a bare checkpoints folder has none
         size = int(saved.get("image_size") or default.image_size)
         pre = Preprocessing(
@@ -167,7 +186,7 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
             weights say their own (a different ``arch`` is an error).
         step: A run's step (``"best"``: the best by validation top-1); None: the
             newest readable one.
-        model_args: Constructor options (not for a run: it records its own).
+        model_args: Constructor options (for a run: those it does not record).
         progress: Show a bar while named weights download.
 
     Returns:
@@ -184,9 +203,7 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
     path = os.path.expanduser(weights)
     converted = os.path.isdir(path) and pretrained.is_converted(path)
     if not converted and ckpt_lib.locate_run(path) is not None:
-        if model_args:
-            raise PredictError("--model-arg is not for a run: it records its own options")
-        return _run_model(path, arch, step)
+        return _run_model(path, arch, step, model_args)
     if step is not None:
         raise PredictError("--step is for a train.finetune run's checkpoints; --weights "
                            f"{weights} is not a run")
@@ -234,14 +251,20 @@ def load(weights: str, arch: str | None = None, *, step: int | str | None = None
     model.eval()
     num_classes = pretrained.head_classes(model, arch)
     categories = None if named is None or named.categories is None else list(named.categories)
-    pre = _imagenet_preprocessing(spec, None if named is None else named.transforms)
-    size = model_args.get("image_size")
-    if isinstance(size, int) and size != pre.image_size:  # a ViT built for another size
-        pre = dataclasses.replace(pre, image_size=size,
-                                  resize_size=round(size * pre.resize_size / pre.image_size))
+    pre = _at_size(_imagenet_preprocessing(spec, None if named is None else named.transforms),
+                   model_args.get("image_size"))
     label = named.spec if named is not None and not converted else weights
     return LoadedModel(model, arch, f"{label} ({report})", pre,
                        _names(categories, num_classes), spec.in_channels, num_classes)
+
+
+def _at_size(pre: Preprocessing, size) -> Preprocessing:
+    """``pre`` for a model built for ``size`` (a ViT's ``image_size`` option), the
+    resize keeping its ratio to the crop."""
+    if not isinstance(size, int) or size == pre.image_size:
+        return pre
+    return dataclasses.replace(pre, image_size=size,
+                               resize_size=round(size * pre.resize_size / pre.image_size))
 
 
 def _same_arch(given: str | None, found: str | None, what: str) -> str | None:
@@ -396,7 +419,8 @@ def _parser():
                         ".pth/.safetensors file, or torchvision weights (DEFAULT, "
                         "IMAGENET1K_V2, resnet50.IMAGENET1K_V2; python -m porting weights)")
     p.add_argument("--arch", default=None,
-                   help="registered model name (a run or a converted directory says its own)")
+                   help="registered model name (a run or a converted directory says its "
+                        "own; a bare checkpoints folder does not)")
     p.add_argument("--step", default=None,
                    help="a run's checkpoint step, or 'best' (default: the newest readable "
                         "one; a note says so when the newest cannot be read)")
@@ -421,7 +445,8 @@ def _parser():
                    help="normalisation std per channel, comma-separated (default: as --mean)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    type=model_arg_type({"num_classes": "the checkpoint's head decides"}),
-                   help="constructor option of the architecture, repeatable")
+                   help="constructor option of the architecture, repeatable (for a run: "
+                        "one it does not record)")
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="a text file naming the model's outputs, one per line, in order "
                         "(default: the run's, the weights' categories, else indices)")
