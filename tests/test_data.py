@@ -1,6 +1,7 @@
 """train.data: dataset specs, sources (digits, image folders, TFDS) and the Loader."""
 
 import gc
+import re
 import tempfile
 import threading
 import time
@@ -205,6 +206,31 @@ def test_tfds_mock_data_source():
         assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and 0 <= label < 10
         batch = next(iter(D.Loader(train, 8, seed=1, num_epochs=1)))
         assert batch["image"].shape == (8, 28, 28, 1) and batch["mask"].all()
+
+
+def test_tfds_features_are_chosen_or_named():
+    """cifar100 has two ClassLabels: 'label' (100 classes) by default, 'coarse_label' (20
+    superclasses) when named; a name that is no such feature is one line listing them."""
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        fine = D.load_dataset("tfds:cifar100", split="train")
+        coarse = D.load_dataset("tfds:cifar100", split="val", label_feature="coarse_label",
+                                image_feature="image")
+        assert (fine.label_key, fine.num_classes) == ("label", 100)
+        assert (coarse.label_key, coarse.image_key, coarse.num_classes) == (
+            "coarse_label", "image", 20)
+        example = coarse.data_source[0]
+        assert coarse[0][1] == int(example["coarse_label"]) and 0 <= coarse[0][1] < 20
+        every = "all: id, image, label, coarse_label"
+        for kw, message in (
+                ({"label_feature": "id"}, "--label-feature id: not a ClassLabel feature of "
+                 "tfds dataset 'cifar100' (ClassLabel features: label, coarse_label; " + every),
+                ({"label_feature": "fine"}, "--label-feature fine: not a feature of"),
+                ({"image_feature": "coarse_label"}, "--image-feature coarse_label: not an "
+                 "image feature of tfds dataset 'cifar100' (image features: image; " + every)):
+            with pytest.raises(D.DataError, match=re.escape(message)):
+                D.load_dataset("tfds:cifar100", split="train", **kw)
+    with pytest.raises(D.DataError, match="--label-feature is for tfds datasets; 'digits'"):
+        D.load_dataset("digits", split="train", label_feature="label")
 
 
 def test_tfds_builder_leaves_no_temporary_folder(tmp_path, monkeypatch):

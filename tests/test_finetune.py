@@ -204,6 +204,7 @@ def _one_error_line(capsys):
     (LENET + ["--std", "0"], "--std finite and > 0"),
     (LENET + ["--mean", "nan"], "--mean must be finite"),
     (LENET + ["--mean", "0.1,0.2"], "--mean has 2 value(s) and --std 1; lenet5 takes 1 channel"),
+    (LENET + ["--label-feature", "label"], "--label-feature is for tfds datasets; 'digits'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle):
     assert finetune.main(args + ["--output-dir", str(tmp_path / "run")]) == 2
@@ -655,6 +656,26 @@ def test_tfds_source_with_folder_target_mmd_and_folder_source(tmp_path, capsys):
     summary = json.load(open(tmp_path / "folder" / "summary.json"))
     assert summary["val_count"] == 3  # one held-out image per class
     capsys.readouterr()
+
+
+def test_a_tfds_label_feature_is_the_runs_classes(tmp_path, capsys):
+    """--label-feature coarse_label trains cifar100's 20 superclasses; it is part of what
+    the run is (another is refused on resume), and a wrong one writes nothing."""
+    import tensorflow_datasets as tfds
+
+    run = tmp_path / "run"
+    args = ["--arch", "lenet5", "--dataset", "tfds:cifar100", "--weights", "none", "--steps",
+            "1", "--batch-size", "8", "--no-progress", "--output-dir", str(run)]
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert finetune.main(args + ["--label-feature", "id"]) == 2
+        assert "--label-feature id: not a ClassLabel feature" in _one_error_line(capsys)
+        assert not run.exists()
+        assert finetune.main(args + ["--label-feature", "coarse_label"]) == 0
+        assert json.loads((run / "model.json").read_text())["num_classes"] == 20
+        assert json.loads((run / "config.json").read_text())["label_feature"] == "coarse_label"
+        capsys.readouterr()
+        assert finetune.main(args + ["--eval-only"]) == 2
+        assert "label_feature: 'coarse_label' there, None now" in _one_error_line(capsys)
 
 
 def test_torch_trained_lenet_gives_the_same_predictions(tmp_path, capsys):

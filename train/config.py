@@ -23,8 +23,9 @@ __all__ = ["Config", "ConfigError", "build_parser", "parse_args", "resolve", "sa
            "IDENTITY_FIELDS", "EVAL_IDENTITY_FIELDS", "RUNTIME_FIELDS", "doubtful"]
 
 # A run directory's checkpoints only make sense for a run that agrees on these.
-IDENTITY_FIELDS = ("arch", "weights", "dataset", "val_fraction", "target_dataset", "image_size",
-                   "batch_size", "seed", "model_args",
+IDENTITY_FIELDS = ("arch", "weights", "dataset", "image_feature", "label_feature",
+                   "val_fraction", "target_dataset", "image_size", "batch_size", "seed",
+                   "model_args",
                    # these shape the optimizer state a checkpoint holds
                    "optimizer", "momentum", "nesterov", "clip_grad_norm", "freeze", "lr_mult")
 # Flags that only say how this process runs, not what the run computes: a resume
@@ -35,8 +36,8 @@ RUNTIME_FIELDS = ("output_dir", "eval_only", "eval_batch_size", "log_every", "nu
 # An evaluation (--eval-only) reads a run's parameters and statistics alone: it must
 # build the same model and see the same validation images (the split follows the
 # seed), whatever the training flags.
-EVAL_IDENTITY_FIELDS = ("arch", "weights", "dataset", "val_fraction", "image_size", "seed",
-                        "model_args")
+EVAL_IDENTITY_FIELDS = ("arch", "weights", "dataset", "image_feature", "label_feature",
+                        "val_fraction", "image_size", "seed", "model_args")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,8 @@ class Config:
     dataset: str
     weights: str = "DEFAULT"
     data_dir: str | None = None
+    image_feature: str | None = None
+    label_feature: str | None = None
     val_fraction: float | None = None
     target_dataset: str | None = None
     mmd_weight: float = 1.0
@@ -220,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'digits', 'tfds:NAME[:TRAIN_SPLIT[:VAL_SPLIT]]', 'folder:PATH' or a PATH "
                         "(see train/data.py)")
     g.add_argument("--data-dir", default=None, help="TFDS data directory")
+    g.add_argument("--image-feature", default=None, metavar="KEY",
+                   help="tfds: the feature holding the image (auto: 'image' where the dataset "
+                        "has it, else its first image feature)")
+    g.add_argument("--label-feature", default=None, metavar="KEY",
+                   help="tfds: the ClassLabel feature to learn (auto: 'label' where the "
+                        "dataset has it, else its first ClassLabel; e.g. coarse_label for "
+                        "cifar100's 20 superclasses)")
     g.add_argument("--val-fraction", type=_open_fraction, default=None,
                    help="held-out fraction where a val split is carved (auto: 0.2 digits, 0.1 "
                         "otherwise)")

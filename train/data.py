@@ -14,7 +14,9 @@ Dataset specs (``--dataset``):
   or ``tfds:cifar10:train:test``. Defaults: train = ``train``; val =
   ``validation`` if the dataset has it, else a held-out tail of train
   (``train[:90%]`` / ``train[90%:]`` for ``val_fraction=0.1``), so the test
-  split stays untouched unless named.
+  split stays untouched unless named. Images and labels are the ``image`` and
+  ``label`` features, else the first image and ClassLabel ones, unless
+  ``load_dataset``'s ``image_feature`` / ``label_feature`` name others.
 * ``folder:PATH`` or a bare PATH -- an image folder: one subfolder per class
   with image files (ImageFolder's extensions, nested folders included), class
   index = position of the folder name in sorted order (as torchvision's
@@ -530,6 +532,8 @@ def load_dataset(
     val_fraction: float | None = None,
     storage_size: int = DEFAULT_STORAGE_SIZE,
     skip_bad: bool = False,
+    image_feature: str | None = None,
+    label_feature: str | None = None,
 ) -> Source:
     """Opens one split of the dataset named by ``spec``.
 
@@ -546,6 +550,9 @@ def load_dataset(
         skip_bad: For folders: log and count undecodable files instead of
             raising ``DataError``; the train split reads the next readable file
             in their place, the val split leaves them out (see ``FolderSource``).
+        image_feature, label_feature: For TFDS: the features holding the image
+            and the ClassLabel (None: ``image``/``label`` where the dataset has
+            them, else the first of each kind); an error for the other kinds.
 
     Returns:
         A ``Source``.
@@ -558,11 +565,15 @@ def load_dataset(
         raise DataError(f"split must be one of {_SPLITS}, got {split!r}")
     parsed = parse_spec(spec)
     fraction = default_val_fraction(spec) if val_fraction is None else val_fraction
+    if parsed.kind != "tfds" and (image_feature or label_feature):
+        flag = "--image-feature" if image_feature else "--label-feature"
+        raise DataError(f"{flag} is for tfds datasets; {spec!r} is not one")
     if parsed.kind == "digits":
         return _load_digits(split, seed, fraction)
     if parsed.kind == "folder":
         return _load_folder(parsed.name, split, seed, fraction, storage_size, skip_bad)
-    return _load_tfds(parsed, split, data_dir, fraction, storage_size)
+    return _load_tfds(parsed, split, data_dir, fraction, storage_size,
+                      (image_feature, label_feature))
 
 
 def stratified_split(
@@ -696,13 +707,15 @@ def _tfds_scratch():
             tempfile.tempdir = saved
 
 
-def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
+def _load_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size,
+               features) -> TfdsSource:
     # tfds warns about what the error line then says (no dataset_info.json: not prepared).
     with absl_errors_only():
-        return _open_tfds(parsed, split, data_dir, val_fraction, storage_size)
+        return _open_tfds(parsed, split, data_dir, val_fraction, storage_size, features)
 
 
-def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size) -> TfdsSource:
+def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size,
+               features) -> TfdsSource:
     import tensorflow_datasets as tfds
 
     try:
@@ -711,7 +724,7 @@ def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size)
     except Exception as e:  # noqa: BLE001 -- tfds raises many kinds; all mean "no such dataset".
         raise DataError(f"unknown tfds dataset {parsed.name!r}: {_tfds_error(e)}") from e
     info = builder.info
-    image_key, label_key = _tfds_keys(parsed.name, info.features)
+    image_key, label_key = _tfds_keys(parsed.name, info.features, *features)
     has_val = "validation" in info.splits
     pct = round(100 * val_fraction)
     train_split = parsed.train_split or ("train" if has_val else f"train[:{100 - pct}%]")
@@ -747,25 +760,35 @@ def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size)
     )
 
 
-def _tfds_keys(name: str, features) -> tuple[str, str]:
-    """Finds the image and ClassLabel features ('image'/'label' preferred)."""
+def _tfds_keys(name: str, features, image_key: str | None = None,
+               label_key: str | None = None) -> tuple[str, str]:
+    """The image and ClassLabel features: those given, else 'image'/'label' where the
+    dataset has them, else the first of each kind."""
     import tensorflow_datasets as tfds
 
     keys = list(features.keys())
     labels = [k for k in keys if isinstance(features[k], tfds.features.ClassLabel)]
-    images = [k for k in keys if isinstance(features[k], tfds.features.Image)] or [
+    pictures = [k for k in keys if isinstance(features[k], tfds.features.Image)]
+    arrays = [
         k
         for k in keys
         # ClassLabel is a Tensor subclass too, hence the exclusion.
         if isinstance(features[k], tfds.features.Tensor)
         and len(features[k].shape) in (2, 3)
-        and k not in labels
+        and k not in labels and k not in pictures
     ]
+    for given, flag, kind, fits in ((image_key, "--image-feature", "an image", pictures + arrays),
+                                    (label_key, "--label-feature", "a ClassLabel", labels)):
+        if given is not None and given not in fits:
+            what = "not a feature of" if given not in keys else f"not {kind} feature of"
+            raise DataError(f"{flag} {given}: {what} tfds dataset {name!r} ({kind.split()[1]} "
+                            f"features: {', '.join(fits) or 'none'}; all: {', '.join(keys)})")
+    images = pictures or arrays
     if not images or not labels:
         have = ", ".join(keys)
         raise DataError(f"tfds dataset {name!r} has no image + ClassLabel features (has {have})")
-    image_key = "image" if "image" in images else images[0]
-    return image_key, ("label" if "label" in labels else labels[0])
+    image_key = image_key or ("image" if "image" in images else images[0])
+    return image_key, label_key or ("label" if "label" in labels else labels[0])
 
 
 # --------------------------------------------------------------------------

@@ -558,8 +558,9 @@ def run(cfg) -> int:
     pcount, pindex = jax.process_count(), jax.process_index()
     load = dict(data_dir=cfg.data_dir, seed=cfg.seed, val_fraction=cfg.val_fraction,
                 skip_bad=cfg.skip_bad)
-    train_src = load_dataset(cfg.dataset, split="train", **load)
-    val_src = load_dataset(cfg.dataset, split="val", **load)
+    features = dict(image_feature=cfg.image_feature, label_feature=cfg.label_feature)
+    train_src = load_dataset(cfg.dataset, split="train", **load, **features)
+    val_src = load_dataset(cfg.dataset, split="val", **load, **features)
     if not len(val_src):
         raise RunError(f"--dataset {cfg.dataset}: its validation split {val_src.name} holds no "
                        "images (a class of one image keeps it for training); give more "
