@@ -201,11 +201,14 @@ def _parse(argv):
     p = ArgumentParser(
         prog="python -m jaxnets.attention",
         description="Draw a Vision Transformer's attention maps over an image.")
-    p.add_argument("--arch", default="vit_b_16",
-                   help=f"a ViT: {', '.join(VIT_VARIANTS)} (default vit_b_16)")
+    p.add_argument("--arch", default=None,
+                   help=f"a ViT: {', '.join(VIT_VARIANTS)} (default: the run's, else "
+                        "vit_b_16)")
     p.add_argument("--weights", default=None,
-                   help="a .pth state_dict, or a torchvision weights name (e.g. DEFAULT); "
-                        "random init when left out")
+                   help="a .pth state_dict, a torchvision weights name (e.g. DEFAULT), a "
+                        "directory `porting convert` wrote, or a train.finetune run "
+                        "(its newest readable checkpoint, its preprocessing); random init "
+                        "when left out")
     p.add_argument("--image", default=None,
                    help="image file; the bundled sample image when left out")
     p.add_argument("--out", required=True, help="output PNG file")
@@ -239,14 +242,30 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def _eval_config(size: int, transforms=None):
-    """The eval transform: the weights' own, else ImageNet's resize 256/224, crop, normalise."""
+    """The eval transform: the weights' own, else ImageNet's resize 256/224, crop, normalise
+    (``transforms``: torchvision's ``weights.transforms()`` numbers, or a run's)."""
     from train.augment import AugmentConfig
 
     if transforms is not None and transforms.crop_size == size:
         return AugmentConfig(crop_size=size, resize_size=transforms.resize_size,
                              interpolation=transforms.interpolation,
-                             mean=tuple(transforms.mean), std=tuple(transforms.std))
-    return AugmentConfig(crop_size=size, resize_size=int(size * 256 / 224))
+                             mean=tuple(transforms.mean), std=tuple(transforms.std),
+                             eval_prepared=True)
+    return AugmentConfig(crop_size=size, resize_size=int(size * 256 / 224), eval_prepared=True)
+
+
+def _prepared(path: str, cfg) -> np.ndarray:
+    """The image as evaluation shapes it on the host (torchvision's PIL ``Resize`` of the
+    shorter side, ``CenterCrop``): uint8 ``[size, size, 3]``."""
+    from train.data import DataError, HostTransform, decode_image
+
+    if not os.path.isfile(path):
+        raise _CliError(f"image not found: {path}")
+    try:
+        return decode_image(path, HostTransform("eval", cfg.crop_size, cfg.resize_size,
+                                                cfg.interpolation))
+    except DataError as e:
+        raise _CliError(f"cannot read image {path}: {e}") from None
 
 
 def _model_from_state_dict(arch: str, state_dict: dict):
@@ -292,6 +311,41 @@ def _check_arch(arch: str, layer: int) -> None:
     if not -n <= layer < n:
         raise _CliError(f"--layer {layer} is out of range: {arch} has {n} layers "
                         f"(0..{n - 1}, or -{n}..-1)")
+
+
+def _run_dir(weights: str | None) -> bool:
+    """Whether ``--weights`` names a train.finetune run (or its checkpoints, or a step)."""
+    from porting.pretrained import is_converted
+    from train.checkpoint import locate_run
+
+    return (weights is not None and os.path.isdir(os.path.expanduser(weights))
+            and not is_converted(weights) and locate_run(os.path.expanduser(weights)) is not None)
+
+
+def _load_run(arch: str | None, weights: str, layer: int):
+    """A run's model and its evaluation preprocessing (``train.predict.load``)."""
+    import types
+
+    from train.checkpoint import CheckpointError, run_model
+    from train.predict import PredictError, load
+
+    try:
+        found = run_model(weights)[0]
+        if found is not None and found not in VIT_VARIANTS:  # before reading the weights
+            raise _CliError(f"--weights {weights}: a run of {found}, not of a Vision "
+                            f"Transformer ({', '.join(VIT_VARIANTS)})")
+        if found is not None:
+            _check_arch(found, layer)
+        loaded = load(weights, arch)
+    except (CheckpointError, PredictError) as e:
+        raise _CliError(f"--weights {weights}: {e}" if isinstance(e, CheckpointError)
+                        else str(e)) from None
+    _check_arch(loaded.arch, layer)
+    print(f"weights {loaded.arch}: {loaded.source}")
+    pre = loaded.preprocessing
+    return loaded.arch, loaded.model, types.SimpleNamespace(
+        crop_size=pre.image_size, resize_size=pre.resize_size,
+        interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
 
 
 def _load_model(arch: str, weights: str | None):
@@ -403,13 +457,17 @@ def _run(args) -> None:
         compile_cache.enable(args.compile_cache)
     except compile_cache.CompileCacheError as e:
         raise _CliError(f"--compile-cache: {e}") from None
-    raw = _read_image(path)
-    _check_arch(args.arch, args.layer)
-    model, transforms = _load_model(args.arch, args.weights)
+    _read_image(path)  # a missing or undecodable image before the model is read
+    if _run_dir(args.weights):
+        arch, model, transforms = _load_run(args.arch, args.weights, args.layer)
+    else:
+        arch = args.arch or "vit_b_16"
+        _check_arch(arch, args.layer)
+        model, transforms = _load_model(arch, args.weights)
     from train.augment import eval_transform
 
     cfg = _eval_config(model.image_size, transforms)
-    x = eval_transform(jnp.asarray(raw)[None], cfg)
+    x = eval_transform(jnp.asarray(_prepared(path, cfg))[None], cfg)
     weights = attention_weights(model, x)
     layer = args.layer % len(weights)
     grid = model.grid_size
@@ -420,7 +478,7 @@ def _run(args) -> None:
                                                grid)[0])
     # Show the crop the model saw, mapped back from the normalisation to 0..1.
     shown = np.clip(np.asarray(x[0]) * np.asarray(cfg.std) + np.asarray(cfg.mean), 0, 1)
-    caption = f"{args.arch} class-token attention, {os.path.basename(path)}"
+    caption = f"{arch} class-token attention, {os.path.basename(path)}"
     _draw(args.out, shown, heads, layer, rollout, caption)
     print(f"wrote {args.out}: {len(heads)} heads of layer {layer}"
           + (" and the rollout over all layers" if rollout is not None else ""))

@@ -233,6 +233,57 @@ def test_cli_with_a_checkpoint_with_old_keys_and_an_image(tmp_path, capsys):
     assert png_size(out) == expected_size(1 + 12)
 
 
+@pytest.mark.slow
+def test_cli_with_a_finetune_run(tmp_path, capsys, monkeypatch):
+    """A train.finetune run of a ViT (made here: a checkpoint and the run's model.json and
+    config.json): its weights, its arch and its evaluation preprocessing (host resize and
+    crop, its mean/std) give the maps."""
+    import json
+
+    import jaxnets
+    from jaxnets import attention_maps
+    from train import steps
+    from train.augment import AugmentConfig, eval_transform
+    from train.checkpoint import Checkpointer, write_model_info
+    from train.data import HostTransform, decode_image
+
+    model = jaxnets.create_model("vit_b_32", num_classes=3, image_size=64, seed=1)
+    _, params, stats = steps.split_model(model)
+    run = tmp_path / "run"
+    ck = Checkpointer(str(run / "checkpoints"))
+    ck.save(4, {"params": params, "batch_stats": stats}, {"epoch": 0})
+    ck.close()
+    del params
+    write_model_info(str(run), "vit_b_32", 3, {"image_size": 64}, classes=["a", "b", "c"])
+    mean, std = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]
+    (run / "config.json").write_text(json.dumps({
+        "arch": "vit_b_32", "dataset": "folder:x", "image_size": 64, "resize_size": 80,
+        "interpolation": "bicubic", "mean": mean, "std": std}))
+    img = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(1).random((90, 150, 3)) * 255).astype(np.uint8)
+                    ).save(img)
+    drawn = {}
+    monkeypatch.setattr(attention_maps, "_draw", lambda out, image, heads, layer, rollout,
+                        caption: drawn.update(image=image, heads=heads, caption=caption))
+    out = str(tmp_path / "maps.png")
+    assert main(["--weights", str(run), "--image", str(img), "--out", out, "--layer", "1"]) == 0
+    assert f"weights vit_b_32: step 4 of the run {run}" in capsys.readouterr().out
+    cfg = AugmentConfig(crop_size=64, resize_size=80, interpolation="bicubic", mean=tuple(mean),
+                        std=tuple(std), eval_prepared=True)
+    pixels = decode_image(str(img), HostTransform("eval", 64, 80, "bicubic"))
+    x = eval_transform(jnp.asarray(pixels)[None], cfg)
+    want = class_token_attention(attention_weights(model, x)[1], model.grid_size)[0]
+    np.testing.assert_allclose(drawn["heads"], want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(drawn["image"], pixels / 255, atol=1e-6)
+    assert drawn["caption"].startswith("vit_b_32 class-token attention")
+    capsys.readouterr()
+    assert main(["--weights", str(run), "--arch", "vit_b_16", "--out", out]) == 1
+    assert "a run of vit_b_32, not --arch vit_b_16" in capsys.readouterr().err
+    write_model_info(str(run), "resnet18", 3, {})
+    assert main(["--weights", str(run), "--out", out]) == 1
+    assert "a run of resnet18, not of a Vision Transformer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--image", "/no/such/image.jpg"], "image not found: /no/such/image.jpg"),
     (["--arch", "vit_b_61"], "unknown model 'vit_b_61'"),

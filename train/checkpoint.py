@@ -44,7 +44,8 @@ from train.quiet import absl_errors_only
 
 __all__ = ["CheckpointError", "CheckpointStructureError", "Checkpointer", "BEST_METRIC",
            "UNREADABLE_SUFFIX", "MODEL_INFO", "RunWeights", "load_model", "locate_run", "model_of",
-           "quiet_failed_reads", "read_error", "read_run_weights", "write_model_info"]
+           "quiet_failed_reads", "read_error", "read_run_weights", "run_model",
+           "write_model_info"]
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "val_top1"
@@ -410,6 +411,20 @@ def _run_model(run_dir: str | None) -> tuple[str | None, int | None, dict]:
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path} is unreadable: {e}") from None
     return None, None, {}
+
+
+def run_model(path: str) -> tuple[str | None, int | None, dict]:
+    """``(arch, num_classes, constructor options)`` that a run records (``model.json``,
+    else ``config.json``; Nones for a bare checkpoints folder), without reading a
+    checkpoint.
+
+    Raises:
+        CheckpointError: Not a run, or its record is unreadable.
+    """
+    found = locate_run(os.path.expanduser(os.fspath(path)))
+    if found is None:
+        raise CheckpointError(f"{path} is not a train.finetune run directory (no checkpoints/)")
+    return _run_model(found[0])
 
 
 def read_run_weights(path: str, step: int | str | None = None, *,
