@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnets import compile_cache
-from jaxnets.cli import ArgumentParser, one_line
+from jaxnets.cli import ArgumentParser, model_arg_type, one_line
 from jaxnets.imageio import to_rgb
 from jaxnets.vit import VIT_VARIANTS, VisionTransformer
 
@@ -209,6 +209,11 @@ def _parse(argv):
                         "directory `porting convert` wrote, or a train.finetune run "
                         "(its newest readable checkpoint, its preprocessing); random init "
                         "when left out")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   type=model_arg_type(),
+                   help="constructor option (e.g. image_size=384), repeatable: for a bare "
+                        "checkpoints folder, named weights or random init (a .pth says "
+                        "its own)")
     p.add_argument("--image", default=None,
                    help="image file; the bundled sample image when left out")
     p.add_argument("--out", required=True, help="output PNG file")
@@ -313,76 +318,73 @@ def _check_arch(arch: str, layer: int) -> None:
                         f"(0..{n - 1}, or -{n}..-1)")
 
 
-def _run_dir(weights: str | None) -> bool:
-    """Whether ``--weights`` names a train.finetune run (or its checkpoints, or a step)."""
-    from porting.pretrained import is_converted
-    from train.checkpoint import locate_run
-
-    return (weights is not None and os.path.isdir(os.path.expanduser(weights))
-            and not is_converted(weights) and locate_run(os.path.expanduser(weights)) is not None)
-
-
-def _load_run(arch: str | None, weights: str, layer: int):
-    """A run's model and its evaluation preprocessing (``train.predict.load``)."""
+def _load(arch: str | None, weights: str | None, layer: int, model_args: dict):
+    """``(arch, model, eval preprocessing or None)`` for ``--arch``/``--weights``: random
+    init, a ``.pth`` (its classes, image size and representation size read from it), or
+    whatever ``train.predict.load`` reads (a run: its arch and preprocessing; a
+    converted directory: its arch; torchvision's weights by name; a safetensors file)."""
     import types
 
-    from train.checkpoint import CheckpointError, run_model
+    import jaxnets
+    from porting.pretrained import is_converted, is_weights_path
+    from train.checkpoint import CheckpointError, locate_run, run_model
+
+    if weights is None:
+        arch = arch or "vit_b_16"
+        _check_arch(arch, layer)
+        print(f"no --weights: {arch} is randomly initialised; the attention maps of an "
+              "untrained model are noise")
+        try:
+            return arch, jaxnets.create_model(arch, **model_args), None
+        except (TypeError, ValueError) as e:
+            raise _CliError(f"--model-arg: {one_line(str(e), 600)}") from None
+    path = os.path.expanduser(weights)
+    if is_weights_path(weights) and not weights.endswith((".safetensors", ".json")) \
+            and not os.path.isdir(path):
+        from porting.pth import PthError, load_state_dict_file
+
+        arch = arch or "vit_b_16"
+        _check_arch(arch, layer)
+        if model_args:
+            raise _CliError("--model-arg is not for a .pth file: the model's options are "
+                            "read from its tensors")
+        if not os.path.isfile(path):
+            raise _CliError(f"weights file not found: {weights}")
+        try:
+            state_dict, notes = load_state_dict_file(path)
+        except PthError as e:
+            raise _CliError(str(e)) from e
+        model, more = _model_from_state_dict(arch, state_dict)
+        print(f"weights {weights}: " + "; ".join(notes + more))
+        return arch, model, None
     from train.predict import PredictError, load
 
+    says_arch = os.path.isdir(path) and (is_converted(path) or locate_run(path) is not None)
     try:
-        found = run_model(weights)[0]
-        if found is not None and found not in VIT_VARIANTS:  # before reading the weights
-            raise _CliError(f"--weights {weights}: a run of {found}, not of a Vision "
-                            f"Transformer ({', '.join(VIT_VARIANTS)})")
-        if found is not None:
-            _check_arch(found, layer)
-        loaded = load(weights, arch)
-    except (CheckpointError, PredictError) as e:
-        raise _CliError(f"--weights {weights}: {e}" if isinstance(e, CheckpointError)
-                        else str(e)) from None
+        if says_arch and not is_converted(path):  # a run of another model: before its weights
+            found = run_model(path)[0]
+            if found is not None and found not in VIT_VARIANTS:
+                raise _CliError(f"--weights {weights}: a run of {found}, not of a Vision "
+                                f"Transformer ({', '.join(VIT_VARIANTS)})")
+            if found is not None:
+                _check_arch(found, layer)
+        elif arch is not None or not says_arch:
+            _check_arch(arch or "vit_b_16", layer)
+        loaded = load(weights, arch or (None if says_arch else "vit_b_16"),
+                      model_args=model_args)
+    except CheckpointError as e:
+        raise _CliError(f"--weights {weights}: {e}") from None
+    except PredictError as e:
+        raise _CliError(str(e)) from None
+    if loaded.arch not in VIT_VARIANTS:
+        raise _CliError(f"--weights {weights} holds {loaded.arch}, not a Vision Transformer "
+                        f"({', '.join(VIT_VARIANTS)})")
     _check_arch(loaded.arch, layer)
     print(f"weights {loaded.arch}: {loaded.source}")
     pre = loaded.preprocessing
     return loaded.arch, loaded.model, types.SimpleNamespace(
         crop_size=pre.image_size, resize_size=pre.resize_size,
         interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
-
-
-def _load_model(arch: str, weights: str | None):
-    import jaxnets
-
-    if weights is None:
-        print(f"no --weights: {arch} is randomly initialised; the attention maps of an "
-              "untrained model are noise")
-        return jaxnets.create_model(arch), None
-    from porting.pretrained import is_weights_path
-
-    if is_weights_path(weights) and not weights.endswith((".safetensors", ".json")) \
-            and not os.path.isdir(weights):
-        from porting.pth import PthError, load_state_dict_file
-
-        if not os.path.isfile(weights):
-            raise _CliError(f"weights file not found: {weights}")
-        try:
-            state_dict, notes = load_state_dict_file(weights)
-        except PthError as e:
-            raise _CliError(str(e)) from e
-        model, more = _model_from_state_dict(arch, state_dict)
-        print(f"weights {weights}: " + "; ".join(notes + more))
-        return model, None
-    # Registry names (DEFAULT, IMAGENET1K_V1...), safetensors and converted directories.
-    from porting.hub import DownloadError
-    from porting.pretrained import load_torchvision, resolve_weights
-
-    try:
-        transforms = None if is_weights_path(weights) else resolve_weights(arch,
-                                                                           weights).transforms
-        model, report = load_torchvision(arch, weights)
-    except (ValueError, OSError, DownloadError) as e:
-        raise _CliError(f"--weights {weights}: " + " ".join(
-            line.strip() for line in str(e).splitlines())) from e
-    print(f"weights {arch} {weights}: {report}")
-    return model, transforms
 
 
 def _overlay(ax, image, heat, title):
@@ -458,12 +460,7 @@ def _run(args) -> None:
     except compile_cache.CompileCacheError as e:
         raise _CliError(f"--compile-cache: {e}") from None
     _read_image(path)  # a missing or undecodable image before the model is read
-    if _run_dir(args.weights):
-        arch, model, transforms = _load_run(args.arch, args.weights, args.layer)
-    else:
-        arch = args.arch or "vit_b_16"
-        _check_arch(arch, args.layer)
-        model, transforms = _load_model(arch, args.weights)
+    arch, model, transforms = _load(args.arch, args.weights, args.layer, dict(args.model_arg))
     from train.augment import eval_transform
 
     cfg = _eval_config(model.image_size, transforms)

@@ -282,7 +282,8 @@ def _export(args: argparse.Namespace) -> None:
     jaxnets.get_spec(arch)
     if args.model_args:
         given = dict(args.model_args)
-        differ = {k: v for k, v in given.items() if k in overrides and overrides[k] != v}
+        differ = {k: v for k, v in given.items()
+                  if k in overrides and not pretrained.same_option(overrides[k], v)}
         if differ:
             k, v = next(iter(differ.items()))
             raise CliError(f"{ckpt} holds a model built with {k}={overrides[k]!r}, not "

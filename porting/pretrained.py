@@ -216,6 +216,15 @@ def model_problem(arch: str, overrides: Mapping[str, Any] | None = None, *,
     return None
 
 
+def same_option(recorded: Any, given: Any) -> bool:
+    """Whether a constructor option's value as a run or converted directory records it
+    (JSON: lists) and as ``--model-arg`` gives it (tuples too) are the same."""
+    try:
+        return json.loads(json.dumps(recorded)) == json.loads(json.dumps(given))
+    except (TypeError, ValueError):  # not JSON: as they are
+        return recorded == given
+
+
 def materialize(model: nnx.Module, arch: str, num_classes: int | None = None, seed: int = 0,
                 **overrides: Any) -> list[str]:
     """Initialises the variables still abstract, as ``create_model(seed=seed)`` would.

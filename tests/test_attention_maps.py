@@ -279,6 +279,29 @@ def test_cli_with_a_finetune_run(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["--weights", str(run), "--arch", "vit_b_16", "--out", out]) == 1
     assert "a run of vit_b_32, not --arch vit_b_16" in capsys.readouterr().err
+    # Its checkpoints folder alone (no model.json): --arch and the size it was built for;
+    # a converted directory says its own arch and size.
+    import shutil
+
+    from porting import pretrained
+
+    bare = tmp_path / "bare" / "checkpoints"
+    shutil.copytree(run / "checkpoints", bare)
+    converted = tmp_path / "converted"
+    pretrained.write_converted(converted, pretrained.model_flat(model), {
+        "arch": "vit_b_32", "num_classes": 3, "model_overrides": {"image_size": 64}})
+    imagenet = AugmentConfig(crop_size=64, resize_size=73, eval_prepared=True)
+    x = eval_transform(jnp.asarray(decode_image(str(img), HostTransform("eval", 64, 73)))[None],
+                       imagenet)
+    want = class_token_attention(attention_weights(model, x)[1], model.grid_size)[0]
+    for given in (["--weights", str(bare), "--arch", "vit_b_32", "--model-arg", "image_size=64"],
+                  ["--weights", str(converted)]):
+        drawn.clear()
+        assert main(given + ["--image", str(img), "--out", out, "--layer", "1"]) == 0
+        assert "weights vit_b_32: " in capsys.readouterr().out
+        np.testing.assert_allclose(drawn["heads"], want, rtol=1e-5, atol=1e-7)
+    assert main(["--weights", str(bare), "--arch", "vit_b_32", "--out", out]) == 1
+    assert "encoder.pos_embedding" in capsys.readouterr().err
     write_model_info(str(run), "resnet18", 3, {})
     assert main(["--weights", str(run), "--out", out]) == 1
     assert "a run of resnet18, not of a Vision Transformer" in capsys.readouterr().err

@@ -673,9 +673,24 @@ def test_a_tfds_label_feature_is_the_runs_classes(tmp_path, capsys):
         assert finetune.main(args + ["--label-feature", "coarse_label"]) == 0
         assert json.loads((run / "model.json").read_text())["num_classes"] == 20
         assert json.loads((run / "config.json").read_text())["label_feature"] == "coarse_label"
+        assert finetune.main(args + ["--eval-only", "--label-feature", "coarse_label"]) == 0
         capsys.readouterr()
         assert finetune.main(args + ["--eval-only"]) == 2
-        assert "label_feature: 'coarse_label' there, None now" in _one_error_line(capsys)
+        assert "label_feature: 'coarse_label' there, 'label' now" in _one_error_line(capsys)
+        # A run records the features it read, also those chosen for it: naming them is
+        # the same run, and so is a run from before the flags (no such fields).
+        other = args[:-1] + [str(tmp_path / "default")]
+        assert finetune.main(other) == 0
+        config = json.loads((tmp_path / "default" / "config.json").read_text())
+        assert (config["image_feature"], config["label_feature"]) == ("image", "label")
+        named = ["--eval-only", "--image-feature", "image", "--label-feature", "label"]
+        assert finetune.main(other + named) == 0
+        del config["image_feature"], config["label_feature"]
+        (tmp_path / "default" / "config.json").write_text(json.dumps(config))
+        assert finetune.main(other + named) == 0
+        capsys.readouterr()
+        assert finetune.main(other + ["--eval-only", "--label-feature", "coarse_label"]) == 2
+        assert "label_feature: 'label' there, 'coarse_label' now" in _one_error_line(capsys)
 
 
 def test_torch_trained_lenet_gives_the_same_predictions(tmp_path, capsys):

@@ -364,6 +364,13 @@ def test_a_run_keeps_its_model_options_for_export_and_as_weights(tmp_path, capsy
     assert finetune(["--arch", "lenet5", "--dataset", "digits", "--weights", str(run),
                      "--output-dir", str(tmp_path / "x")]) == 2
     assert "a run of mlp, not lenet5" in capsys.readouterr().err
+    # A model.json whose options do not build the model: one line, not a traceback.
+    info = read_model_info(run)
+    (run / "model.json").write_text(json.dumps({**info, "model_overrides": {"bogus": 1}}))
+    assert finetune(["--arch", "mlp", "--dataset", "digits", "--weights", str(run),
+                     "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unexpected keyword argument 'bogus'" in err[0], err
 
 
 def test_model_args_convert_and_export_a_model_built_with_options(tmp_path, capsys):

@@ -153,6 +153,20 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     printed, err = capsys.readouterr()
     assert "its classes are not 3 names, one per output; indices shown" in err, err
     assert re.match(rf"{re.escape(image)}: [012] [0-9.]+%, [012] ", printed), printed
+    # The names go by the head the checkpoint holds, not by model.json's count; a
+    # model.json without its arch leaves it to config.json; options it records that do
+    # not build the model are its own error, not --model-arg's.
+    (damaged / "model.json").write_text(json.dumps({
+        "num_classes": 7, "classes": ["cat", "dog", "owl"], "model_overrides": {}}))
+    assert main([image, "--weights", str(damaged), "--no-progress"]) == 0
+    printed, err = capsys.readouterr()
+    assert "note" not in err and re.match(rf"{re.escape(image)}: (cat|dog|owl) ", printed), err
+    (damaged / "model.json").write_text(json.dumps({**info, "model_overrides": {"bogus": 1}}))
+    assert "the options the run records do not build lenet5: lenet5: LeNet5.__init__() got " \
+        "an unexpected keyword argument 'bogus'" in error([image, "--weights", str(damaged)])
+    from porting.pretrained import same_option
+
+    assert same_option([False, True], (False, True)) and not same_option([1, 2], (2, 1))
     # --model-arg on a run: only what it does not record.
     (damaged / "model.json").write_text(json.dumps({**info, "model_overrides": {
         "in_channels": 1}}))
@@ -162,8 +176,8 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
     # A bare checkpoints folder: --arch (and what the model was built with) from the user.
     bare = tmp_path / "bare" / "checkpoints"
     shutil.copytree(run_dir / "checkpoints", bare)
-    assert "the run does not say its arch (no model.json or config.json); pass --arch" in (
-        error([image, "--weights", str(bare)]))
+    assert "the run does not say its arch (neither a model.json nor a config.json names " \
+        "one); pass --arch" in error([image, "--weights", str(bare)])
     assert "--arch transformer is not an image classifier" in error(
         [image, "--weights", str(bare), "--arch", "transformer"])
     same = ["--resize-size", "36", "--mean", str(config["mean"][0]),

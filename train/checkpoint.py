@@ -405,11 +405,14 @@ def _run_model(run_dir: str | None) -> tuple[str | None, int | None, dict]:
             if not isinstance(info, dict):
                 raise ValueError(f"a JSON {type(info).__name__}, not an object")
             if name == MODEL_INFO:
-                return (info.get("arch"), info.get("num_classes"),
-                        dict(info.get("model_overrides", {})))
-            return info.get("arch"), None, {k: v for k, v in info.get("model_args", [])}
+                found = (info.get("arch"), info.get("num_classes"),
+                         dict(info.get("model_overrides", {})))
+            else:
+                found = info.get("arch"), None, {k: v for k, v in info.get("model_args", [])}
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path} is unreadable: {e}") from None
+        if found[0] is not None:  # a model.json without its arch: config.json's
+            return found
     return None, None, {}
 
 

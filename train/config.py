@@ -224,12 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see train/data.py)")
     g.add_argument("--data-dir", default=None, help="TFDS data directory")
     g.add_argument("--image-feature", default=None, metavar="KEY",
-                   help="tfds: the feature holding the image (auto: 'image' where the dataset "
-                        "has it, else its first image feature)")
+                   help="tfds --dataset: the feature holding the image (auto: 'image' where "
+                        "the dataset has it, else its first image feature)")
     g.add_argument("--label-feature", default=None, metavar="KEY",
-                   help="tfds: the ClassLabel feature to learn (auto: 'label' where the "
-                        "dataset has it, else its first ClassLabel; e.g. coarse_label for "
-                        "cifar100's 20 superclasses)")
+                   help="tfds --dataset: the ClassLabel feature to learn (auto: 'label' "
+                        "where the dataset has it, else its first ClassLabel; e.g. "
+                        "coarse_label for cifar100's 20 superclasses)")
     g.add_argument("--val-fraction", type=_open_fraction, default=None,
                    help="held-out fraction where a val split is carved (auto: 0.2 digits, 0.1 "
                         "otherwise)")

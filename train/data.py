@@ -344,16 +344,21 @@ class TfdsSource:
         image_key: Feature holding the image.
         label_key: Feature holding the ClassLabel.
         class_names: Name of each class index.
+        auto_keys: (image, label) features chosen when none are named; None: these.
         storage_size: If not None, images are resized on the host (variable
             image shapes; a ``"square"`` ``HostTransform`` of that side, which
             ``host_transform`` replaces); None keeps them as stored.
     """
 
-    def __init__(self, name, data_source, image_key, label_key, class_names, storage_size=None):
+    def __init__(self, name, data_source, image_key, label_key, class_names, storage_size=None,
+                 auto_keys=None):
         self.name = name
         self.data_source = data_source
         self.image_key = image_key
         self.label_key = label_key
+        # The features chosen when none are named (a run's config.json from before
+        # --image-feature / --label-feature means these).
+        self.auto_keys = (image_key, label_key) if auto_keys is None else tuple(auto_keys)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.host_transform = None if storage_size is None else HostTransform("square",
@@ -725,6 +730,7 @@ def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size,
         raise DataError(f"unknown tfds dataset {parsed.name!r}: {_tfds_error(e)}") from e
     info = builder.info
     image_key, label_key = _tfds_keys(parsed.name, info.features, *features)
+    auto_keys = _tfds_keys(parsed.name, info.features)
     has_val = "validation" in info.splits
     pct = round(100 * val_fraction)
     train_split = parsed.train_split or ("train" if has_val else f"train[:{100 - pct}%]")
@@ -757,6 +763,7 @@ def _open_tfds(parsed: DatasetSpec, split, data_dir, val_fraction, storage_size,
         label_key,
         label.names,
         storage_size=None if fixed else storage_size,
+        auto_keys=auto_keys,
     )
 
 

@@ -83,9 +83,14 @@ def _load_state_dict(path: str, arch: str) -> tuple[dict[str, np.ndarray], list[
             weights = ckpt_lib.read_run_weights(path)
             if weights.arch is not None and weights.arch != arch:
                 raise RunError(f"--weights {path}: a run of {weights.arch}, not {arch}")
-            model = ckpt_lib.model_of(weights)
+            # A bare checkpoints folder does not say its arch: --arch's.
+            model = ckpt_lib.model_of(weights._replace(arch=arch))
         except ckpt_lib.CheckpointError as e:
             raise RunError(f"--weights {path}: {e}") from None
+        except (ValueError, TypeError) as e:  # PortingError too: what it holds does not fit
+            from jaxnets.cli import one_line
+
+            raise RunError(f"--weights {path}: {one_line(e, 600)}") from None
         return to_torch_state_dict(model), [f"step {weights.step} of the run {path}"]
     if path.endswith(".safetensors") or os.path.isdir(path):
         from porting.safetensors_io import load_safetensors
@@ -386,11 +391,13 @@ def _finish(run_dir: str, result: dict, source, metrics_log, step: int, seconds:
 # The run.
 
 
-def _check_identity(run_dir: str, cfg, given=None) -> tuple[bool, list[str]]:
+def _check_identity(run_dir: str, cfg, given=None, auto_features=None
+                    ) -> tuple[bool, list[str]]:
     """Refuses to resume (or, with ``--eval-only``, to evaluate) a run directory made
     by a different run. Returns whether the directory holds a run to keep, and the
     other flags that differ from its config (``lr 0.1 -> 0.05``; ``(auto)`` marks a
-    value worked out anew, not given: ``given`` is the config before resolving)."""
+    value worked out anew, not given: ``given`` is the config before resolving;
+    ``auto_features``: the tfds features a run that recorded none read)."""
     from train import config as config_lib
 
     path = os.path.join(run_dir, "config.json")
@@ -409,6 +416,9 @@ def _check_identity(run_dir: str, cfg, given=None) -> tuple[bool, list[str]]:
         # resume and no training record to keep, so no flags to hold a new run to. (A run
         # killed before its first checkpoint keeps its metrics: it is still refused.)
         return False, []
+    for k, v in (auto_features or {}).items():  # runs from before the feature flags
+        if saved.get(k) is None and saved.get("dataset") == cfg.dataset:
+            saved[k] = v
     if saved.get("val_fraction") is None and "dataset" in saved:  # runs before it was resolved
         from train.data import default_val_fraction
 
@@ -532,7 +542,7 @@ def run(cfg) -> int:
     from train import config as config_lib
     from train import distributed
     from train import optim, steps as steps_lib
-    from train.data import (DataError, Loader, load_dataset, set_host_transforms,
+    from train.data import (DataError, Loader, TfdsSource, load_dataset, set_host_transforms,
                             split_fingerprint)
     from train.metrics import MetricsLog
 
@@ -565,6 +575,11 @@ def run(cfg) -> int:
         raise RunError(f"--dataset {cfg.dataset}: its validation split {val_src.name} holds no "
                        "images (a class of one image keeps it for training); give more "
                        "images, a val/ folder or a larger --val-fraction")
+    auto_features = {}
+    if isinstance(train_src, TfdsSource):  # the run records the features it reads
+        cfg = dataclasses.replace(cfg, image_feature=train_src.image_key,
+                                  label_feature=train_src.label_key)
+        auto_features = dict(zip(("image_feature", "label_feature"), train_src.auto_keys))
     num_classes = train_src.num_classes
     if num_classes < 2:
         raise RunError(f"--dataset {cfg.dataset} has {num_classes} class; a classifier needs "
@@ -588,7 +603,7 @@ def run(cfg) -> int:
                        f"{mesh.size} devices of the run")
     run_dir = cfg.output_dir
     config_lib.check_output_dir(run_dir, "--output-dir")  # before any compiling
-    is_run, changed = _check_identity(run_dir, cfg, given)
+    is_run, changed = _check_identity(run_dir, cfg, given, auto_features)
     if cfg.eval_only and is_run:
         cfg, changed = _run_preprocessing(run_dir, given, cfg)
         if changed:  # given on the command line: used, but not silently

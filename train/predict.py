@@ -103,13 +103,13 @@ def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedMod
     try:
         weights = ckpt_lib.read_run_weights(path, step, fall_back=step is None)
         if weights.arch is None and arch is None:
-            raise PredictError(f"--weights {path}: the run does not say its arch (no "
-                               "model.json or config.json); pass --arch")
+            raise PredictError(f"--weights {path}: the run does not say its arch (neither "
+                               "a model.json nor a config.json names one); pass --arch")
         if arch is not None and weights.arch not in (None, arch):
             raise PredictError(f"--weights {path}: a run of {weights.arch}, not --arch {arch}")
         recorded = weights.overrides
         for k, v in model_args.items():
-            if k in recorded and recorded[k] != v:
+            if k in recorded and not pretrained.same_option(recorded[k], v):
                 raise PredictError(f"--weights {path}: the run's model was built with "
                                    f"{k}={recorded[k]!r}, not {k}={v!r} (--model-arg is for "
                                    "options a run does not record)")
@@ -117,9 +117,13 @@ def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedMod
                                    overrides={**recorded, **model_args})
         if jaxnets.get_spec(weights.arch).kind not in ("image", "vector"):
             raise PredictError(f"--arch {weights.arch} is not an image classifier")
+        if recorded and (problem := pretrained.model_problem(weights.arch, recorded)):
+            raise PredictError(f"--weights {path}: the options the run records do not build "
+                               f"{weights.arch}: {problem.removeprefix('--model-arg: ')}")
         if (problem := pretrained.model_problem(weights.arch, weights.overrides)):
             raise PredictError(problem)
         model = ckpt_lib.model_of(weights)
+        num_classes = pretrained.head_classes(model, weights.arch)
     except ckpt_lib.CheckpointError as e:
         raise PredictError(f"--weights {path}: {e}") from None
     except (pretrained.PortingError, ValueError, TypeError) as e:  # arrays of another model
@@ -133,7 +137,7 @@ def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedMod
     try:  # a run's config.json holds resolved values; a bare checkpoints folder has none
         size = int(saved.get("image_size") or default.image_size)
         pre = Preprocessing(
-            size, int(saved.get("resize_size") or size),
+            size, int(saved.get("resize_size") or (size if saved else default.resize_size)),
             str(saved.get("interpolation") or default.interpolation),
             tuple(float(v) for v in saved.get("mean") or default.mean),
             tuple(float(v) for v in saved.get("std") or default.std))
@@ -144,12 +148,12 @@ def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedMod
     names = info.get("classes")
     if names is None and saved.get("dataset") == "digits":
         names = [str(i) for i in range(10)]
-    elif names is not None and _names(names, weights.num_classes) is None:
+    elif names is not None and _names(names, num_classes) is None:
         print(f"note: {os.path.join(run_dir, 'model.json')}: its classes are not "
-              f"{weights.num_classes} names, one per output; indices shown", file=sys.stderr)
+              f"{num_classes} names, one per output; indices shown", file=sys.stderr)
     return LoadedModel(model, weights.arch, f"step {weights.step} of the run {run_dir}", pre,
-                       _names(names, weights.num_classes), spec.in_channels,
-                       weights.num_classes)
+                       _names(names, num_classes), spec.in_channels, num_classes)
+
 
 
 def _read_json(folder: str, name: str) -> dict:
