@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.layers import (BatchNorm, Sequential, adaptive_avg_pool2d, check_images, conv2d,
-                            dropout_layer, linear, max_pool2d)
+                            dropout_layer, linear, max_pool2d, normal_init)
 from jaxnets.registry import register_model
 
 __all__ = ["BasicConv2d", "Inception", "InceptionAux", "GoogLeNet", "GoogLeNetOutputs",
@@ -141,7 +141,7 @@ class GoogLeNet(nnx.Module):
                  dropout: float = 0.2, dropout_aux: float = 0.7, *, rngs: nnx.Rngs):
         init_weights = True if init_weights is None else init_weights
         # trunc_normal_(std=0.01, a=-2, b=2) truncates at 200 sigma: a plain normal.
-        k = nnx.initializers.normal(0.01) if init_weights else None
+        k = normal_init(0.01) if init_weights else None
         conv = functools.partial(BasicConv2d, kernel_init=k, rngs=rngs)
         block = functools.partial(Inception, kernel_init=k, rngs=rngs)
         self.aux_logits = aux_logits

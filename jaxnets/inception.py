@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnets.googlenet import BasicConv2d, transform_input
-from jaxnets.layers import avg_pool2d, check_images, dropout_layer, linear, max_pool2d
+from jaxnets.layers import (avg_pool2d, check_images, dropout_layer, linear, max_pool2d,
+                            normal_init)
 from jaxnets.registry import register_model
 
 __all__ = ["Inception3", "InceptionOutputs", "InceptionA", "InceptionB", "InceptionC",
@@ -141,7 +142,7 @@ class InceptionAux(nnx.Module):
 
     def __init__(self, in_channels: int, num_classes: int, *, conv, init_weights: bool,
                  rngs: nnx.Rngs):
-        normal = nnx.initializers.normal
+        normal = normal_init
         self.conv0 = conv(in_channels, 128, 1)
         self.conv1 = conv(128, 768, 5, kernel_init=normal(0.01) if init_weights else None)
         self.fc = linear(768, num_classes, kernel_init=normal(0.001) if init_weights else None,
@@ -192,7 +193,7 @@ class Inception3(nnx.Module):
                  dropout: float = 0.5, *, rngs: nnx.Rngs):
         init_weights = True if init_weights is None else init_weights
         # trunc_normal_(std, a=-2, b=2) truncates at >= 20 sigma: a plain normal.
-        k = nnx.initializers.normal(0.1) if init_weights else None
+        k = normal_init(0.1) if init_weights else None
 
         def conv(cin, cout, kernel_size, stride=1, padding=0, kernel_init=k):
             return BasicConv2d(cin, cout, kernel_size, stride, padding, kernel_init=kernel_init,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxnets.layers import (Sequential, check_images, conv2d, dot_general,
+from jaxnets.layers import (Sequential, check_images, conv2d, dot_general, draw_flat,
                              dot_product_attention, dropout_layer, fusion_barrier, linear)
 from jaxnets.registry import register_model
 
@@ -48,9 +48,9 @@ _xavier_uniform = nnx.initializers.xavier_uniform()
 
 def _trunc_normal(std: float):
     # torch's trunc_normal_ cuts at +-2 absolute, i.e. at +-2/std standard deviations.
-    def init(key, shape, dtype=jnp.float32):
+    def init(key, shape, dtype=jnp.float32):  # drawn flat: see jaxnets.layers.draw_flat
         lim = 2.0 / std
-        return jax.random.truncated_normal(key, -lim, lim, shape, dtype) * std
+        return draw_flat(jax.random.truncated_normal, key, shape, dtype, -lim, lim) * std
 
     return init
 
