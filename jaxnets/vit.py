@@ -228,7 +228,8 @@ class Encoder(nnx.Module):
     def __init__(self, seq_length: int, num_layers: int, num_heads: int, hidden_dim: int,
                  mlp_dim: int, dropout: float, attention_dropout: float, *, rngs: nnx.Rngs):
         self.pos_embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (1, seq_length, hidden_dim)) * 0.02)  # BERT init
+            draw_flat(jax.random.normal, rngs.params(), (1, seq_length, hidden_dim),
+                      jnp.float32) * 0.02)  # BERT init
         self.dropout = dropout_layer(dropout, rngs=rngs)
         self.layers = _Layers([EncoderBlock(num_heads, hidden_dim, mlp_dim, dropout,
                                             attention_dropout, rngs=rngs)
