@@ -118,9 +118,11 @@ def _jax_run(f, q, k, v, masks, need_weights, average, r_out, r_w, is_causal=Fal
             total = total + jnp.sum(w * r_w)
         return total, (out, w)
 
-    (_, (out, w)), (g, gq, gk, gv) = nnx.value_and_grad(
-        loss, argnums=(0, 1, 2, 3), has_aux=True)(f, jnp.asarray(q), jnp.asarray(k),
-                                                   jnp.asarray(v))
+    # One compiled program per case: op by op, the backward pass compiles each of its
+    # many small operations on its own (this file: 64 -> 47 s).
+    (_, (out, w)), (g, gq, gk, gv) = nnx.jit(nnx.value_and_grad(
+        loss, argnums=(0, 1, 2, 3), has_aux=True))(f, jnp.asarray(q), jnp.asarray(k),
+                                                    jnp.asarray(v))
     flat = {".".join(map(str, p)): x for p, x in nnx.to_flat_state(g)}
     grads = flax_to_torch(f, flat)
     grads.update({"input.q": np.asarray(gq), "input.k": np.asarray(gk),

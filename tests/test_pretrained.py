@@ -322,3 +322,24 @@ def test_a_vit_of_another_image_size_leaves_the_converted_cache_as_it_was(dirs, 
     _, report = pretrained.load_torchvision("vit_b_32", w, progress=False)
     assert any("converted cache" in n for n in report.notes)
     assert not [r for r in caplog.records if "ignoring converted cache" in r.getMessage()]
+
+
+def test_traced_init_skips_tracer_origins_and_puts_them_back():
+    """``porting.pretrained._traced_init`` (around the traced model constructions of
+    ``build_abstract`` and ``materialize``): jax's tracers skip the walk over the trace
+    that names their origin, which flax's RNG counting triggers once per random draw
+    (vit_h_14's abstract build: 4.1 s with it, 0.75 s without); the method is back
+    afterwards, also after an error. Fails where jax no longer has the method, so that
+    the workaround is not left in place doing nothing."""
+    from jax._src.interpreters import partial_eval
+
+    from porting.pretrained import _traced_init
+
+    before = partial_eval.DynamicJaxprTracer._origin_msg
+    with _traced_init():
+        assert partial_eval.DynamicJaxprTracer._origin_msg is not before
+        jax.eval_shape(lambda: jaxnets.create_model("lenet5"))
+    assert partial_eval.DynamicJaxprTracer._origin_msg is before
+    with pytest.raises(RuntimeError, match="inside"), _traced_init():
+        raise RuntimeError("inside")
+    assert partial_eval.DynamicJaxprTracer._origin_msg is before
