@@ -155,7 +155,6 @@ def _run_model(path: str, arch: str | None, step, model_args: dict) -> LoadedMod
                        _names(names, num_classes), spec.in_channels, num_classes)
 
 
-
 def _read_json(folder: str, name: str) -> dict:
     """A JSON object file of a run or converted directory; {} where there is none."""
     path = os.path.join(folder, name)
