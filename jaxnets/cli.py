@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ast
-from collections.abc import Mapping
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ArgumentParser", "one_line", "parse_model_arg", "model_arg_type"]
+__all__ = ["ArgumentParser", "one_line", "parse_model_arg", "model_arg_type", "progress_bar",
+           "LOG_PROGRESS_INTERVAL"]
+
+# Seconds between two progress lines when the bar's stream is not a terminal.
+LOG_PROGRESS_INTERVAL = 30.0
 
 
 def one_line(text: str, limit: int = 1500) -> str:
@@ -75,3 +82,83 @@ def model_arg_type(reserved: Mapping[str, str] | None = None):
 
     model_arg.__name__ = "KEY=VALUE"
     return model_arg
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+# What tqdm writes to redraw a bar in place: carriage returns and cursor-up sequences.
+_REDRAW = re.compile(r"\r|\x1b\[A")
+# The bar itself, whose width follows the length of the rest of the line.
+_BAR = re.compile(r"\|[^|]*\|")
+
+
+class _LineStream:
+    """A text stream for tqdm on a log file or pipe: every redraw of the bar becomes one
+    line of its own (tqdm's carriage returns made one endless line there), blank
+    redraws (a bar cleared) and redraws at the same count (the final state again on
+    closing: only the times, and with them the bar's width, differ) are dropped, and
+    what the program printed on stdout before comes first (tqdm flushes stdout only
+    when writing to sys.stderr itself)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = None
+
+    def write(self, text: str) -> int:
+        lines = []
+        for line in _REDRAW.sub("\n", text).split("\n"):
+            line = line.rstrip()
+            count = _BAR.sub("|", line.partition(" [")[0])  # e.g. "train: 100%| 30/30"
+            if line and count != self.last:
+                lines.append(line)
+                self.last = count
+        if lines:
+            if self.stream is not sys.stdout:
+                sys.stdout.flush()
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable | None = None, **tqdm_kwargs: Any):
+    """A tqdm progress bar that also reads well in a log.
+
+    On a terminal it is tqdm's bar (its width following the window's). On anything
+    else (stderr sent to a file, a pipe, ``gcloud ... ssh`` on the hosts of a TPU
+    pod) each refresh is a line of its own, in ASCII, at most every
+    ``LOG_PROGRESS_INTERVAL`` seconds (``TQDM_MININTERVAL`` in the environment
+    sets another interval); tqdm would write carriage returns there, one line that
+    grows by a redraw ten times a second.
+
+    Args:
+      iterable: what to iterate over (or None with ``total=`` for manual updates).
+      **tqdm_kwargs: tqdm's options; ``file`` defaults to ``sys.stderr``.
+
+    Returns:
+      The tqdm object.
+    """
+    from tqdm.auto import tqdm
+
+    stream = tqdm_kwargs.pop("file", None) or sys.stderr
+    if _is_terminal(stream):
+        tqdm_kwargs.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, file=stream, **tqdm_kwargs)
+    if "TQDM_MININTERVAL" not in os.environ:
+        tqdm_kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL)
+    try:
+        interval = float(tqdm_kwargs.get("mininterval", os.environ.get("TQDM_MININTERVAL", 0.1)))
+    except ValueError:  # tqdm says what is wrong with its variable
+        interval = 0.1
+    # tqdm's monitor thread redraws a bar that has not been drawn for maxinterval.
+    tqdm_kwargs.setdefault("maxinterval", max(interval, 10.0))
+    tqdm_kwargs.setdefault("ascii", True)
+    tqdm_kwargs.setdefault("ncols", 100)
+    return tqdm(iterable, file=_LineStream(stream), **tqdm_kwargs)

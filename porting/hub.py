@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from jaxnets.cli import progress_bar
 
 __all__ = ["DownloadError", "torch_home", "hub_checkpoints_dir", "download_url_to_file",
            "cached_download"]
@@ -73,7 +73,7 @@ def download_url_to_file(url: str, dst: str | os.PathLike, hash_prefix: str | No
       url: the source.
       dst: the final path; its directory is created.
       hash_prefix: expected leading hex digits of the sha256, or None.
-      progress: show a tqdm bar on stderr.
+      progress: show a progress bar on stderr (``jaxnets.cli.progress_bar``).
       timeout: socket timeout in seconds.
 
     Returns:
@@ -96,8 +96,8 @@ def download_url_to_file(url: str, dst: str | os.PathLike, hash_prefix: str | No
                 length = resp.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
                 got = 0
-                with tqdm(total=total, disable=not progress, unit="B", unit_scale=True,
-                          unit_divisor=1024, desc=dst.name) as bar:
+                with progress_bar(total=total, disable=not progress, unit="B",
+                                  unit_scale=True, unit_divisor=1024, desc=dst.name) as bar:
                     while chunk := resp.read(_CHUNK):
                         out.write(chunk)
                         sha.update(chunk)

@@ -904,3 +904,18 @@ def test_logged_ce_is_plain_cross_entropy_under_label_smoothing(tmp_path):
     assert rows["0.5"]["ce"] == pytest.approx(rows["0"]["ce"], rel=1e-6)  # same first step
     assert rows["0"]["loss"] == pytest.approx(rows["0"]["ce"])
     assert abs(rows["0.5"]["loss"] - rows["0.5"]["ce"]) > 1e-3  # the loss is smoothed
+
+
+def test_progress_in_a_log_is_a_few_lines(tmp_path, capsys):
+    # stderr is not a terminal (here pytest's capture; a log file, a pipe): the bars are
+    # lines at most every 30 s, not a redraw per step or per --log-every (which updates
+    # the bar's loss and accuracy).
+    run_dir = str(tmp_path / "run")
+    args = [a for a in LENET if a != "--no-progress"]
+    assert finetune.main(args + ["--steps", "30", "--log-every", "1", "--batch-size", "16",
+                                 "--output-dir", run_dir]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    bars = [line for line in err.splitlines() if line.startswith("lenet5 train:")]
+    assert 2 <= len(bars) <= 3, err
+    assert bars[0].startswith("lenet5 train:   0%") and "30/30" in bars[-1], bars

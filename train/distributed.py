@@ -300,7 +300,8 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 def progress(iterable: Iterable[_T] | None = None, **tqdm_kwargs: Any) -> Iterable[_T]:
-    """A tqdm progress bar shown by process 0 and silent elsewhere.
+    """A progress bar (``jaxnets.cli.progress_bar``: tqdm's, or lines in a log) shown by
+    process 0 and silent elsewhere.
 
     Args:
       iterable: what to iterate over (or None with ``total=`` for manual updates).
@@ -309,11 +310,10 @@ def progress(iterable: Iterable[_T] | None = None, **tqdm_kwargs: Any) -> Iterab
     Returns:
       The tqdm object (disabled on processes other than 0).
     """
-    from tqdm.auto import tqdm
+    from jaxnets.cli import progress_bar
 
     tqdm_kwargs.setdefault("disable", not is_main_process())
-    tqdm_kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **tqdm_kwargs)
+    return progress_bar(iterable, **tqdm_kwargs)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -787,8 +787,10 @@ def run(cfg) -> int:
                            "grad_norm": float(m["grad_norm"])}
                     if metrics_log is not None:
                         metrics_log.log("train", step, **row)
+                    # Shown with the next redraw: a redraw now would be a line per
+                    # --log-every steps in a log (jaxnets.cli.progress_bar).
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{100 * row['top1']:.1f}%",
-                                    img_s=f"{speed:.0f}")
+                                    img_s=f"{speed:.0f}", refresh=False)
                     window = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
                     t_window, images_window = time.time(), 0
                 epoch_end = step % spe == 0 or step == total

@@ -403,20 +403,20 @@ def train(config: Config) -> Result:
 def _train_loop(config, state, train_step, evaluate, interrupt):
     """The optimisation steps; returns (state, history, loss, token accuracy, the step
     a Ctrl-C stopped at or None)."""
-    from tqdm.auto import tqdm
+    from jaxnets.cli import progress_bar
 
     rng = np.random.default_rng([config.seed, 0])
     history = []
     loss = acc = float("nan")
     stopped_at = None
-    with tqdm(range(1, config.steps + 1), desc=f"seq2seq {config.task}",
-              disable=not config.progress, dynamic_ncols=True) as bar:
+    with progress_bar(range(1, config.steps + 1), desc=f"seq2seq {config.task}",
+                      disable=not config.progress) as bar:
         for step in bar:
             batch = make_batch(rng, config, config.batch_size, held_out=False)
             state, loss_d, acc_d = train_step(state, batch)
             if step % 50 == 0 or step == config.steps or interrupt.requested:
                 loss, acc = float(loss_d), float(acc_d)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
             if interrupt.requested and step < config.steps:
                 stopped_at = step
                 break
