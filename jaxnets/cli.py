@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import os
 import re
 import sys
@@ -87,36 +88,26 @@ def model_arg_type(reserved: Mapping[str, str] | None = None):
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
+    except Exception:  # noqa: BLE001 -- no isatty, a closed stream, an OS error: not one
         return False
 
 
 # What tqdm writes to redraw a bar in place: carriage returns and cursor-up sequences.
 _REDRAW = re.compile(r"\r|\x1b\[A")
-# The bar itself, whose width follows the length of the rest of the line.
-_BAR = re.compile(r"\|[^|]*\|")
 
 
 class _LineStream:
-    """A text stream for tqdm on a log file or pipe: every redraw of the bar becomes one
+    """A text stream for tqdm on a log file or pipe: every redraw of a bar becomes a
     line of its own (tqdm's carriage returns made one endless line there), blank
-    redraws (a bar cleared) and redraws at the same count (the final state again on
-    closing: only the times, and with them the bar's width, differ) are dropped, and
-    what the program printed on stdout before comes first (tqdm flushes stdout only
-    when writing to sys.stderr itself)."""
+    redraws are dropped, and what the program printed on stdout before comes first
+    (tqdm flushes stdout only when writing to sys.stderr itself)."""
 
     def __init__(self, stream):
         self.stream = stream
-        self.last = None
 
     def write(self, text: str) -> int:
-        lines = []
-        for line in _REDRAW.sub("\n", text).split("\n"):
-            line = line.rstrip()
-            count = _BAR.sub("|", line.partition(" [")[0])  # e.g. "train: 100%| 30/30"
-            if line and count != self.last:
-                lines.append(line)
-                self.last = count
+        lines = [line.rstrip() for line in _REDRAW.sub("\n", text).split("\n")]
+        lines = [line for line in lines if line]
         if lines:
             if self.stream is not sys.stdout:
                 sys.stdout.flush()
@@ -128,15 +119,48 @@ class _LineStream:
         self.stream.flush()
 
 
+@functools.cache
+def _log_bar():
+    """tqdm's class for a log: no line for a redraw of a state already shown (the final
+    state drawn again on closing), nothing to clear."""
+    from tqdm.std import tqdm
+
+    class LogBar(tqdm):
+        _shown = None
+
+        def display(self, msg=None, pos=None):
+            if msg is not None and not msg:  # clearing the bar: a log keeps its lines
+                return True
+            if msg is None:
+                state = (self.n, self.total, self.desc, str(self.postfix or ""))
+                if state == self._shown:
+                    return True
+                self._shown = state
+            return super().display(msg, pos)
+
+    return LogBar
+
+
+# tqdm's options that progress_bar sets for a log, unless given or set in the
+# environment (tqdm reads TQDM_<NAME> when it is imported).
+def _log_defaults() -> dict[str, Any]:
+    interval = float(os.environ.get("TQDM_MININTERVAL", LOG_PROGRESS_INTERVAL))
+    # tqdm's monitor thread redraws a bar that has not been drawn for maxinterval.
+    return {"mininterval": LOG_PROGRESS_INTERVAL, "maxinterval": max(interval, 10.0),
+            "ascii": True}
+
+
 def progress_bar(iterable: Iterable | None = None, **tqdm_kwargs: Any):
     """A tqdm progress bar that also reads well in a log.
 
-    On a terminal it is tqdm's bar (its width following the window's). On anything
-    else (stderr sent to a file, a pipe, ``gcloud ... ssh`` on the hosts of a TPU
-    pod) each refresh is a line of its own, in ASCII, at most every
-    ``LOG_PROGRESS_INTERVAL`` seconds (``TQDM_MININTERVAL`` in the environment
-    sets another interval); tqdm would write carriage returns there, one line that
-    grows by a redraw ten times a second.
+    On a terminal (and in a notebook) it is tqdm's bar, its width following the
+    window's. Anywhere else (stderr sent to a file, a pipe, ``gcloud ... ssh`` on the
+    hosts of a TPU pod) each redraw is a line of its own, in ASCII, at most every
+    ``LOG_PROGRESS_INTERVAL`` seconds, with no line for a redraw that shows nothing
+    new, and a bar is never cleared (``leave=False`` is taken as True: its last line
+    stays); tqdm would write carriage returns there, one line that grows by a redraw
+    ten times a second. tqdm's own environment variables (``TQDM_MININTERVAL``,
+    ``TQDM_ASCII``, ``TQDM_NCOLS``...) apply as usual.
 
     Args:
       iterable: what to iterate over (or None with ``total=`` for manual updates).
@@ -148,17 +172,12 @@ def progress_bar(iterable: Iterable | None = None, **tqdm_kwargs: Any):
     from tqdm.auto import tqdm
 
     stream = tqdm_kwargs.pop("file", None) or sys.stderr
-    if _is_terminal(stream):
+    notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # a widget
+    if notebook or _is_terminal(stream):
         tqdm_kwargs.setdefault("dynamic_ncols", True)
         return tqdm(iterable, file=stream, **tqdm_kwargs)
-    if "TQDM_MININTERVAL" not in os.environ:
-        tqdm_kwargs.setdefault("mininterval", LOG_PROGRESS_INTERVAL)
-    try:
-        interval = float(tqdm_kwargs.get("mininterval", os.environ.get("TQDM_MININTERVAL", 0.1)))
-    except ValueError:  # tqdm says what is wrong with its variable
-        interval = 0.1
-    # tqdm's monitor thread redraws a bar that has not been drawn for maxinterval.
-    tqdm_kwargs.setdefault("maxinterval", max(interval, 10.0))
-    tqdm_kwargs.setdefault("ascii", True)
-    tqdm_kwargs.setdefault("ncols", 100)
-    return tqdm(iterable, file=_LineStream(stream), **tqdm_kwargs)
+    for name, value in _log_defaults().items():
+        if f"TQDM_{name.upper()}" not in os.environ:
+            tqdm_kwargs.setdefault(name, value)
+    tqdm_kwargs["leave"] = True
+    return _log_bar()(iterable, file=_LineStream(stream), **tqdm_kwargs)

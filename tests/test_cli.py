@@ -49,26 +49,51 @@ def test_progress_in_a_log_is_a_line_per_refresh(monkeypatch):
         f"train:  {20 * i}%" for i in range(1, 5)), "train: 100%"]
     assert all(f"{i}/5" in line for i, line in enumerate(lines))
     assert text.isascii()
-    # By default at most one line per LOG_PROGRESS_INTERVAL: the first and the last here.
+    # By default at most one line per LOG_PROGRESS_INTERVAL: the first and the last here,
+    # also for a bar closed with leave=False (a log takes nothing back).
     log = io.StringIO()
-    for _ in progress_bar(range(1000), desc="eval", file=log):
+    for _ in progress_bar(range(1000), desc="eval", file=log, leave=False):
         pass
     assert [line.split("|")[0] for line in log.getvalue().splitlines()] == [
         "eval:   0%", "eval: 100%"]
     assert LOG_PROGRESS_INTERVAL >= 10
-    # A bar that is cleared (leave=False) leaves no blank line.
+    # Descriptions with "|" or " [" in them, and long lines, are as they are.
     log = io.StringIO()
-    for _ in progress_bar(range(3), desc="x", file=log, leave=False, mininterval=0, miniters=1):
+    desc = "resnet50 [fold 1] | train " + "x" * 100
+    for _ in progress_bar(range(3), desc=desc, file=log, leave=False, mininterval=0,
+                          miniters=1):
         pass
-    assert len(log.getvalue().splitlines()) == 4 and "\n\n" not in log.getvalue()
-    # tqdm's own variable (read when tqdm is imported) sets another interval.
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and all(line.startswith(desc) for line in lines)
+    assert [line.split(desc)[1].split("|")[0] for line in lines] == [
+        ":   0%", ":  33%", ":  67%", ": 100%"]
+    # A new postfix at the same count is a line; the same state drawn again is not.
+    log = io.StringIO()
+    with progress_bar(total=2, file=log, mininterval=0, miniters=1) as bar:
+        bar.update(2)
+        bar.refresh()
+        bar.set_postfix(loss="0.1234", refresh=False)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and "2/2" in lines[1] and lines[2].endswith("loss=0.1234]"), lines
+    # tqdm's own variables (read when tqdm is imported) apply.
     script = ("import sys\nfrom jaxnets.cli import progress_bar\n"
               "for _ in progress_bar(range(3), desc='x', miniters=1): pass\n")
-    env = {**os.environ, "TQDM_MININTERVAL": "0"}
+    env = {**os.environ, "TQDM_MININTERVAL": "0", "TQDM_NCOLS": "60"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, check=True, timeout=120)
-    assert [line.split("|")[0] for line in out.stderr.splitlines() if line.startswith("x:")] == [
+    lines = [line for line in out.stderr.splitlines() if line.startswith("x:")]
+    assert [line.split("|")[0] for line in lines] == [
         "x:   0%", "x:  33%", "x:  67%", "x: 100%"], out.stderr
+    assert all(len(line) == 60 for line in lines), lines
+    # A stream whose isatty fails is not a terminal.
+
+    class Broken(io.StringIO):
+        def isatty(self):
+            raise OSError(9, "Bad file descriptor")
+
+    broken = Broken()
+    assert list(progress_bar(range(2), file=broken, mininterval=0, miniters=1)) == [0, 1]
+    assert "\r" not in broken.getvalue() and "2/2" in broken.getvalue()
 
 
 def test_progress_on_a_terminal_is_tqdms_bar_and_comes_after_what_was_printed(monkeypatch):

@@ -919,3 +919,8 @@ def test_progress_in_a_log_is_a_few_lines(tmp_path, capsys):
     bars = [line for line in err.splitlines() if line.startswith("lenet5 train:")]
     assert 2 <= len(bars) <= 3, err
     assert bars[0].startswith("lenet5 train:   0%") and "30/30" in bars[-1], bars
+    # The last line shows the last logged loss; the evaluation's bar keeps its last line.
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f if '"train"' in line][-1]
+    assert last["step"] == 30 and bars[-1].endswith(f"loss={last['loss']:.4f}]"), bars
+    assert any(line.startswith("eval: 100%") for line in err.splitlines()), err

@@ -771,7 +771,6 @@ def run(cfg) -> int:
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(f"loss is {loss} at step {step + 1}")
                 step += 1
-                bar.update(1)
                 window["loss"] += loss
                 window["ce"] += float(m["ce"])
                 window["correct"] += float(m["correct"])
@@ -787,14 +786,16 @@ def run(cfg) -> int:
                            "grad_norm": float(m["grad_norm"])}
                     if metrics_log is not None:
                         metrics_log.log("train", step, **row)
-                    # Shown with the next redraw: a redraw now would be a line per
+                    # Drawn by the update below: a redraw of its own would be a line per
                     # --log-every steps in a log (jaxnets.cli.progress_bar).
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{100 * row['top1']:.1f}%",
                                     img_s=f"{speed:.0f}", refresh=False)
                     window = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0, "n": 0}
                     t_window, images_window = time.time(), 0
+                bar.update(1)
                 epoch_end = step % spe == 0 or step == total
                 if epoch_end:
+                    bar.refresh()  # the epoch's last loss, shown through its evaluation
                     try:
                         res = evaluate(eval_step, state, val_src, eval_bs, cfg.num_workers,
                                        progress=cfg.progress, mesh=mesh)
