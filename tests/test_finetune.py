@@ -805,6 +805,22 @@ def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot decode image ") and str(bad) in err[-1]
     assert os.listdir(run / "checkpoints") == ["2"]  # the epoch's 2 steps are kept
+    # The same at the end of a run's first of two epochs; once the image is mended, the
+    # resumed run evaluates that epoch before training on (its row, its line).
+    two = args[:args.index("--epochs")] + ["--epochs", "2"] + args[args.index("--epochs") + 2:]
+    assert finetune.main(two + ["--output-dir", str(tmp_path / "two")]) == 2
+    assert "error: cannot decode image " in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    Image.new("RGB", (11, 9), (30, 90, 60)).save(good)
+    saved_bad = bad.read_bytes()
+    bad.write_bytes(good.read_bytes())
+    assert finetune.main(two + ["--output-dir", str(tmp_path / "two")]) == 0
+    captured = capsys.readouterr()
+    assert "resuming" in captured.err and "epoch 1 step 2: val top-1" in captured.out
+    with open(tmp_path / "two" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["epoch"]) for r in rows if r["split"] == "val"] == [(2, 1), (4, 2)]
+    bad.write_bytes(saved_bad)
     assert finetune.main(args + ["--output-dir", str(tmp_path / "skip"), "--skip-bad"]) == 0
     summary = json.load(open(tmp_path / "skip" / "summary.json"))
     assert summary["skipped_files"] == [str(bad)] and summary["val_count"] == 3  # left out

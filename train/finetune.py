@@ -752,8 +752,24 @@ def run(cfg) -> int:
     bar = distributed.progress(total=total, initial=start_step, desc=f"{cfg.arch} train",
                                disable=not (cfg.progress and main))
     say = bar.write if main else (lambda *a, **k: None)
+
+    def epoch_evaluated(step, res):
+        if metrics_log is not None:
+            metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
+                            top5=res["top5"], epoch=math.ceil(step / spe))
+        say(f"epoch {math.ceil(step / spe)} step {step}: val top-1 "
+            f"{100 * res['top1']:.2f}% top-5 {100 * res['top5']:.2f}% loss {res['loss']:.4f}")
+
     try:
         with Interrupt() as interrupt:
+            if (restored and pcount == 1 and 0 < step < total and step % spe == 0
+                    and not checkpointer.has_metrics(step)):
+                # An epoch end whose evaluation failed (an unreadable image) after its
+                # checkpoint was written: evaluated now, before training goes on (the
+                # checkpoint stays without the result: not a candidate for the best).
+                last_eval = (step, evaluate(eval_step, state, val_src, eval_bs,
+                                            cfg.num_workers, progress=cfg.progress, mesh=mesh))
+                epoch_evaluated(*last_eval)
             while step < total:
                 batch = next(it)
                 batch = {k: batch[k] for k in ("image", "label", "mask", "extent") if k in batch}
@@ -803,12 +819,7 @@ def run(cfg) -> int:
                         if pcount == 1:  # (a save is collective: the others are elsewhere)
                             checkpointer.save(step, state, meta(step))
                         raise
-                    if metrics_log is not None:
-                        metrics_log.log("val", step, loss=res["loss"], top1=res["top1"],
-                                        top5=res["top5"], epoch=math.ceil(step / spe))
-                    say(f"epoch {math.ceil(step / spe)} step {step}: val top-1 "
-                              f"{100 * res['top1']:.2f}% top-5 {100 * res['top5']:.2f}% "
-                              f"loss {res['loss']:.4f}")
+                    epoch_evaluated(step, res)
                     checkpointer.save(step, state, meta(step), val_top1=res["top1"])
                     last_eval = (step, res)
                     last_saved = step
