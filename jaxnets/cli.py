@@ -155,9 +155,10 @@ def progress_bar(iterable: Iterable | None = None, **tqdm_kwargs: Any):
 
     On a terminal (and in a notebook) it is tqdm's bar, its width following the
     window's. Anywhere else (stderr sent to a file, a pipe, ``gcloud ... ssh`` on the
-    hosts of a TPU pod) each redraw is a line of its own, in ASCII, at most every
-    ``LOG_PROGRESS_INTERVAL`` seconds, with no line for a redraw that shows nothing
-    new, and a bar is never cleared (``leave=False`` is taken as True: its last line
+    hosts of a TPU pod) each redraw is a line of its own, in ASCII: the bar's first
+    and last lines and, between them, at most one every ``LOG_PROGRESS_INTERVAL``
+    seconds (more where the caller refreshes it), none for a redraw that shows nothing
+    new; a bar is never cleared (``leave=False`` is taken as True: its last line
     stays); tqdm would write carriage returns there, one line that grows by a redraw
     ten times a second. tqdm's own environment variables (``TQDM_MININTERVAL``,
     ``TQDM_ASCII``, ``TQDM_NCOLS``...) apply as usual.

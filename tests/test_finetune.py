@@ -805,21 +805,26 @@ def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot decode image ") and str(bad) in err[-1]
     assert os.listdir(run / "checkpoints") == ["2"]  # the epoch's 2 steps are kept
-    # The same at the end of a run's first of two epochs; once the image is mended, the
-    # resumed run evaluates that epoch before training on (its row, its line).
+    # The same at the end of a run's first of two epochs. Once the image is mended, a
+    # resumed run evaluates the epoch first (its line, its row), once: a rerun after a
+    # NaN at the next step does not again; so does the rerun of the first run (its last).
     two = args[:args.index("--epochs")] + ["--epochs", "2"] + args[args.index("--epochs") + 2:]
     assert finetune.main(two + ["--output-dir", str(tmp_path / "two")]) == 2
     assert "error: cannot decode image " in capsys.readouterr().err
-    good = tmp_path / "good.png"
-    Image.new("RGB", (11, 9), (30, 90, 60)).save(good)
     saved_bad = bad.read_bytes()
-    bad.write_bytes(good.read_bytes())
-    assert finetune.main(two + ["--output-dir", str(tmp_path / "two")]) == 0
+    Image.new("RGB", (11, 9), (30, 90, 60)).save(bad)
+    assert finetune.main(two + ["--output-dir", str(tmp_path / "two"),
+                                "--debug-nan-at-step", "3"]) == 1
     captured = capsys.readouterr()
     assert "resuming" in captured.err and "epoch 1 step 2: val top-1" in captured.out
-    with open(tmp_path / "two" / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    assert [(r["step"], r["epoch"]) for r in rows if r["split"] == "val"] == [(2, 1), (4, 2)]
+    assert finetune.main(two + ["--output-dir", str(tmp_path / "two")]) == 0
+    assert "epoch 1 step 2" not in capsys.readouterr().out
+    assert finetune.main(args + ["--output-dir", str(run)]) == 0
+    assert "epoch 1 step 2: val top-1" in capsys.readouterr().out
+    for name, want in (("two", [(2, 1), (4, 2)]), ("run", [(2, 1)])):
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        assert [(r["step"], r["epoch"]) for r in rows if r["split"] == "val"] == want, name
     bad.write_bytes(saved_bad)
     assert finetune.main(args + ["--output-dir", str(tmp_path / "skip"), "--skip-bad"]) == 0
     summary = json.load(open(tmp_path / "skip" / "summary.json"))
@@ -906,6 +911,23 @@ def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
     # summary.json: this invocation's seconds and the run's, earlier invocations included.
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["run_seconds"] > summary["seconds"] > 0, summary
+    # With train/ and val/ folders, training images added leave the validation ones be.
+    for split_name, count in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "tv" / split_name / c).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (9 + i, 8), (40 * i, 80, 20)).save(
+                    tmp_path / "tv" / split_name / c / f"{i}.png")
+    args = ["--arch", "mlp", "--dataset", str(tmp_path / "tv"), "--weights", "none",
+            "--image-size", "8", "--batch-size", "4", "--no-progress",
+            "--output-dir", str(tmp_path / "tv_run")]
+    assert finetune.main(args + ["--steps", "1"]) == 0
+    Image.new("RGB", (9, 9)).save(tmp_path / "tv" / "train" / "a" / "9.png")
+    capsys.readouterr()
+    assert finetune.main(args + ["--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the dataset has 9 training images, 8 when this run started; its " \
+           "validation images are the same" in err and "split is not the one" not in err, err
 
 
 def test_logged_ce_is_plain_cross_entropy_under_label_smoothing(tmp_path):

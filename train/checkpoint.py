@@ -240,10 +240,6 @@ class Checkpointer:
             raise
         held.replay()
 
-    def has_metrics(self, step: int) -> bool:
-        """Whether the checkpoint of ``step`` was saved with its validation result."""
-        return os.path.isfile(os.path.join(self.directory, str(step), "metrics", "metrics"))
-
     def best_step(self) -> int | None:
         """The step of the best checkpoint by validation top-1, if any has the metric."""
         best = self.manager.best_step()

@@ -659,7 +659,7 @@ def run(cfg) -> int:
 
     os.makedirs(run_dir, exist_ok=True)
     if cfg.eval_only:  # the parameters and statistics alone: any training flags will do
-        checkpointer = None
+        checkpointer, restored_meta = None, {}
         start_step = _restore_weights(run_dir, state)
         restored = start_step is not None
         start_step = start_step or 0
@@ -675,7 +675,7 @@ def run(cfg) -> int:
                                "--weight-decay); rerun with the run's own flags or pass "
                                "another --output-dir") from None
             raise RunError(str(e)) from None
-        start_step, seconds_before = 0, 0.0
+        start_step, seconds_before, restored_meta = 0, 0.0, {}
         if restored is not None:
             start_step, state, restored_meta = restored
             seconds_before = float(restored_meta.get("seconds", 0.0))
@@ -687,7 +687,13 @@ def run(cfg) -> int:
     split_path, split = os.path.join(run_dir, "split.json"), split_fingerprint(train_src, val_src)
     then = _read_split(split_path) if is_run else None
     if then is not None:
-        if then != split:
+        if then == {**split, "train": then.get("train")}:  # the same validation images
+            if then["train"] != split["train"]:
+                distributed.print0(
+                    f"note: the dataset has {split['train']} training images, {then['train']} "
+                    "when this run started; its validation images are the same",
+                    file=sys.stderr)
+        elif then != split:
             distributed.print0(
                 f"note: the dataset's split is not the one this run started with ({then['train']} "
                 f"train / {then['val']} val images then, {split['train']} / {split['val']} now"
@@ -762,11 +768,13 @@ def run(cfg) -> int:
 
     try:
         with Interrupt() as interrupt:
-            if (restored and pcount == 1 and 0 < step < total and step % spe == 0
-                    and not checkpointer.has_metrics(step)):
+            if (restored_meta.get("evaluated") is False and pcount == 1 and main
+                    and not any(r.get("split") == "val" and r.get("step") == step
+                                for r in metrics_log.records())):
                 # An epoch end whose evaluation failed (an unreadable image) after its
-                # checkpoint was written: evaluated now, before training goes on (the
-                # checkpoint stays without the result: not a candidate for the best).
+                # checkpoint was written: evaluated now, before training goes on, once
+                # (its row stays in metrics.jsonl); the checkpoint stays without the
+                # result, so it is no candidate for the best.
                 last_eval = (step, evaluate(eval_step, state, val_src, eval_bs,
                                             cfg.num_workers, progress=cfg.progress, mesh=mesh))
                 epoch_evaluated(*last_eval)
@@ -817,7 +825,8 @@ def run(cfg) -> int:
                                        progress=cfg.progress, mesh=mesh)
                     except DataError:  # an unreadable val image: the epoch's training is kept
                         if pcount == 1:  # (a save is collective: the others are elsewhere)
-                            checkpointer.save(step, state, meta(step))
+                            # marked, for the rerun to evaluate the epoch first
+                            checkpointer.save(step, state, {**meta(step), "evaluated": False})
                         raise
                     epoch_evaluated(step, res)
                     checkpointer.save(step, state, meta(step), val_top1=res["top1"])
