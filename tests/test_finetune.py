@@ -781,6 +781,18 @@ def test_folder_evaluation_gives_torchvisions_logits(tmp_path, capsys):
     capsys.readouterr()
 
 
+def _train_val_folders(root):
+    """An image dataset with train/ and val/ folders: classes a and b, 4 and 2 small
+    PNGs of different sizes each."""
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (10 + i, 9), (60 * i, 90, 30)).save(root / split / c / f"{i}.png")
+
+
 def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path, capsys):
     """A corrupt file met at the epoch's evaluation stops the run in one line with the
     epoch's checkpoint written; --skip-bad logs, leaves out and lists it. A validation
@@ -789,12 +801,7 @@ def test_an_unreadable_val_image_keeps_the_epoch_and_skip_bad_passes_it(tmp_path
 
     from train.data import load_dataset
 
-    for split, count in (("train", 4), ("val", 2)):
-        for c in ("a", "b"):
-            (tmp_path / "ds" / split / c).mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (10 + i, 9), (60 * i, 90, 30)).save(
-                    tmp_path / "ds" / split / c / f"{i}.png")
+    _train_val_folders(tmp_path / "ds")
     bad = tmp_path / "ds" / "val" / "b" / "1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     args = ["--arch", "mlp", "--dataset", str(tmp_path / "ds"), "--weights", "none",
@@ -912,12 +919,7 @@ def test_a_resume_on_a_changed_split_says_so(tmp_path, capsys):
     summary = json.load(open(tmp_path / "run" / "summary.json"))
     assert summary["run_seconds"] > summary["seconds"] > 0, summary
     # With train/ and val/ folders, training images added leave the validation ones be.
-    for split_name, count in (("train", 4), ("val", 2)):
-        for c in ("a", "b"):
-            (tmp_path / "tv" / split_name / c).mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (9 + i, 8), (40 * i, 80, 20)).save(
-                    tmp_path / "tv" / split_name / c / f"{i}.png")
+    _train_val_folders(tmp_path / "tv")
     args = ["--arch", "mlp", "--dataset", str(tmp_path / "tv"), "--weights", "none",
             "--image-size", "8", "--batch-size", "4", "--no-progress",
             "--output-dir", str(tmp_path / "tv_run")]
