@@ -687,13 +687,12 @@ def run(cfg) -> int:
     split_path, split = os.path.join(run_dir, "split.json"), split_fingerprint(train_src, val_src)
     then = _read_split(split_path) if is_run else None
     if then is not None:
-        if then == {**split, "train": then.get("train")}:  # the same validation images
-            if then["train"] != split["train"]:
-                distributed.print0(
-                    f"note: the dataset has {split['train']} training images, {then['train']} "
-                    "when this run started; its validation images are the same",
-                    file=sys.stderr)
-        elif then != split:
+        same_val = (then["val"], then.get("val_digest")) == (split["val"], split["val_digest"])
+        if same_val and then["train"] != split["train"]:
+            distributed.print0(
+                f"note: the dataset has {split['train']} training images, {then['train']} "
+                "when this run started; its validation images are the same", file=sys.stderr)
+        elif not same_val:
             distributed.print0(
                 f"note: the dataset's split is not the one this run started with ({then['train']} "
                 f"train / {then['val']} val images then, {split['train']} / {split['val']} now"
